@@ -1,0 +1,66 @@
+"""The model bundle: tokenizer, text encoder, UNet, VAE and scheduler of a Stable Diffusion model.
+
+One loader serves the embedded toy world (``checkpoints/toyworld/sd``), any local SD-1.x/2.x
+diffusers folder, and a hub id where the machine is online. The bundle *is* a
+``StableDiffusionPipeline`` (without safety checker), so every path the methods and the
+evaluation take is the one real Stable Diffusion takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOYWORLD_MODEL = REPO_ROOT / "checkpoints" / "toyworld" / "sd"
+TOYWORLD_CLASSIFIER = REPO_ROOT / "checkpoints" / "toyworld" / "classifier"
+REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that is missing, incomplete or unreadable."""
+
+
+def check_model_folder(path: Path) -> None:
+    """Raise :class:`ModelLoadError` naming what is missing from a diffusers SD folder."""
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model folder {path} does not exist; set model.path to a local Stable Diffusion diffusers folder "
+            f"(the toy world's is {TOYWORLD_MODEL})"
+        )
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON ({error}); re-export the model") from None
+    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (path / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"model folder {path} is incomplete: missing {', '.join(missing)}; re-export the model")
+
+
+def load_pipeline(path: str | Path = TOYWORLD_MODEL, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline (tokenizer, text encoder, UNet, VAE, scheduler).
+
+    ``path`` is a local diffusers folder or, when no such folder exists and the machine is
+    online, a hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
+    Weights are read from safetensors only; no safety checker is loaded.
+    """
+    local = Path(path).expanduser()
+    is_hub_id = not local.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
+    if not is_hub_id:
+        check_model_folder(local)
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            str(local) if not is_hub_id else str(path), torch_dtype=dtype, use_safetensors=True,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    except Exception as error:  # any failure to read the folder: one line naming the model and the cause
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"could not load the model at {path}: {first_line}") from None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)

@@ -1,0 +1,355 @@
+"""Pretrain the toy world's base model and classifier from scratch.
+
+    python -m erasure.toyworld.pretrain                 # full run (about 1.5-2 h on a 2-core CPU)
+    python -m erasure.toyworld.pretrain --quick --output /tmp/toy   # smoke run, < 2 min
+
+Stages, each resumable (rerun the same command after an interruption):
+
+1. ``vae``        AutoencoderKL on fresh renders (L1 + MSE reconstruction, KL weight 1e-6).
+2. ``dataset``    a fixed set of renders, their latents and their VAE reconstructions.
+3. ``classifier`` shape/colour/style CNN on renders *and* reconstructions, with blur and
+                  noise, so that it reads generated images and not only clean renders.
+4. ``unet``       UNet2DConditionModel and CLIPTextModel trained jointly on the latents with
+                  captions from the caption grammar (epsilon prediction, min-SNR-5 weighting,
+                  AdamW, cosine schedule, EMA).
+5. ``export``     the StableDiffusionPipeline folder ``<output>/sd`` and ``<output>/classifier``.
+
+Training runs through ``lightning.Trainer`` (GPU when present), checkpointing every few
+hundred steps into ``<work>/<stage>/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from erasure.generation import to_unit_range
+from erasure.io import atomic_directory
+from erasure.toyworld import architecture as arch
+from erasure.toyworld.captions import caption
+from erasure.toyworld.classifier import save_classifier
+from erasure.toyworld.tokenizer import build_tokenizer
+from erasure.toyworld.world import ATTRIBUTES, Scene, render_array, sample_scene
+
+
+@dataclass(frozen=True)
+class Budget:
+    vae_steps: int = 1500
+    dataset_size: int = 40_000
+    classifier_steps: int = 1500
+    unet_steps: int = 9000
+    vae_batch: int = 32
+    classifier_batch: int = 128
+    unet_batch: int = 64
+    checkpoint_every: int = 250
+
+
+QUICK = Budget(vae_steps=8, dataset_size=256, classifier_steps=8, unet_steps=8,
+               vae_batch=8, classifier_batch=16, unet_batch=8, checkpoint_every=4)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class RenderStream(IterableDataset):
+    """An endless stream of fresh renders, seeded."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            yield to_unit_range(torch.from_numpy(render_array([sample_scene(rng)])))[0]
+
+
+class VAETraining(L.LightningModule):
+    def __init__(self, lr: float = 1e-3, kl_weight: float = 1e-6):
+        super().__init__()
+        self.vae = arch.make_vae()
+        self.lr, self.kl_weight = lr, kl_weight
+
+    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        posterior = self.vae.encode(images).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + self.kl_weight * posterior.kl().mean()
+        self.log("vae/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.vae.parameters(), lr=self.lr)
+
+
+class ClassifierData(Dataset):
+    """Renders and their VAE reconstructions (one of the two per item), blurred or noised at random."""
+
+    def __init__(self, renders: torch.Tensor, recons: torch.Tensor, labels: torch.Tensor):
+        self.renders, self.recons, self.labels = renders, recons, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        source = self.recons if torch.rand(()) < 0.5 else self.renders
+        image = to_unit_range(source[i : i + 1])[0]
+        if torch.rand(()) < 0.3:
+            sigma = float(torch.empty(()).uniform_(0.3, 0.8))
+            image = _gaussian_blur(image, sigma)
+        if torch.rand(()) < 0.3:
+            image = image + 0.06 * torch.randn_like(image)
+        return image, self.labels[i]
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    x = torch.arange(-2, 3, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    image = F.conv2d(F.pad(image[:, None], (2, 2, 0, 0), mode="replicate"), kernel.view(1, 1, 1, 5))
+    image = F.conv2d(F.pad(image, (0, 0, 2, 2), mode="replicate"), kernel.view(1, 1, 5, 1))
+    return image[:, 0]
+
+
+class ClassifierTraining(L.LightningModule):
+    def __init__(self, lr: float = 2e-3, total_steps: int = 1500):
+        super().__init__()
+        self.classifier = arch.ToyClassifier()
+        self.lr, self.total_steps = lr, total_steps
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self.classifier(images)
+        loss = sum(F.cross_entropy(logits[name], labels[:, k], label_smoothing=0.05) for k, name in enumerate(ATTRIBUTES))
+        self.log("classifier/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=self.lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=self.total_steps)
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+
+class CaptionedLatents(Dataset):
+    """Latent samples of the fixed dataset, each with a fresh random caption."""
+
+    def __init__(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, scenes: list[Scene], seed: int):
+        self.mean, self.std, self.scenes = latent_mean, latent_std, scenes
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int):
+        latent = self.mean[i] + self.std[i] * torch.randn_like(self.std[i])
+        return latent, caption(self.scenes[i], self.rng)
+
+
+class TextToImageTraining(L.LightningModule):
+    """Joint training of the text encoder and the UNet with the epsilon objective,
+    weighted by min-SNR-gamma (Hang et al. 2023): w(t) = min(SNR(t), gamma) / SNR(t)."""
+
+    def __init__(self, tokenizer, scaling_factor: float, total_steps: int, lr: float = 1e-3, snr_gamma: float = 5.0):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = arch.make_text_encoder(
+            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        self.unet = arch.make_unet()
+        self.scheduler = arch.make_train_scheduler()
+        self.scaling_factor, self.total_steps, self.lr, self.snr_gamma = scaling_factor, total_steps, lr, snr_gamma
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        latents, captions = batch
+        latents = latents * self.scaling_factor
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=arch.MAX_TOKENS, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        prediction = self.unet(noisy, t, self.text_encoder(ids)[0]).sample
+        alpha_bar = self.scheduler.alphas_cumprod.to(self.device)[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        weight = snr.clamp(max=self.snr_gamma) / snr
+        loss = (weight * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        self.log("unet/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
+        warmup = 200
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+
+def fit(module: L.LightningModule, loader: DataLoader, steps: int, stage_dir: Path, every: int, callbacks=()) -> None:
+    """Train ``module`` for ``steps`` optimizer steps, resuming from ``stage_dir/last.ckpt``."""
+    checkpoint = ModelCheckpoint(dirpath=stage_dir, save_last=True, save_top_k=0, every_n_train_steps=every)
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="auto", devices=1, logger=False,
+        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=25), *callbacks],
+        log_every_n_steps=10, enable_model_summary=False, num_sanity_val_steps=0, max_epochs=-1,
+    )
+    last = stage_dir / "last.ckpt"
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+
+
+def stage_vae(budget: Budget, work: Path, seed: int):
+    done = work / "vae.safetensors"
+    if not done.exists():
+        L.seed_everything(seed)
+        module = VAETraining()
+        fit(module, DataLoader(RenderStream(seed), batch_size=budget.vae_batch), budget.vae_steps,
+            work / "vae", budget.checkpoint_every)
+        save_file(module.vae.state_dict(), done)
+    vae = arch.make_vae()
+    vae.load_state_dict(load_file(done))
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def stage_dataset(budget: Budget, work: Path, seed: int, vae) -> dict[str, torch.Tensor]:
+    """Renders, labels, latent posteriors and reconstructions of a fixed scene set."""
+    done = work / "dataset.safetensors"
+    if not done.exists():
+        print(f"[dataset] rendering and encoding {budget.dataset_size} scenes")
+        rng = np.random.default_rng(seed + 1)
+        scenes = [sample_scene(rng) for _ in range(budget.dataset_size)]
+        renders = torch.from_numpy(render_array(scenes))
+        means, stds, recons = [], [], []
+        for chunk in renders.split(1024):
+            posterior = vae.encode(to_unit_range(chunk)).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+            recons.append(to_uint8(vae.decode(posterior.mean).sample))
+        tensors = {
+            "renders": renders, "reconstructions": torch.cat(recons),
+            "latent_mean": torch.cat(means).contiguous(), "latent_std": torch.cat(stds).contiguous(),
+            "labels": torch.tensor([list(s.label().values()) for s in scenes]),
+        }
+        save_file(tensors, done)
+    return load_file(done)
+
+
+def scenes_of(data: dict[str, torch.Tensor]) -> list[Scene]:
+    """Scenes carrying the labelled attributes (all a caption needs) of the dataset."""
+    names = list(ATTRIBUTES)
+    return [
+        Scene(**{n: ATTRIBUTES[n][v] for n, v in zip(names, row)}, center=(0, 0), radius=0, rotation=0, rgb=(0, 0, 0),
+              background=(0, 0, 0), pattern_angle=0, pattern_phase=(0, 0))
+        for row in data["labels"].tolist()
+    ]
+
+
+def stage_classifier(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor]) -> arch.ToyClassifier:
+    done = work / "classifier.safetensors"
+    if not done.exists():
+        L.seed_everything(seed + 2)
+        n_train = int(0.9 * len(data["labels"]))
+        train = ClassifierData(data["renders"][:n_train], data["reconstructions"][:n_train], data["labels"][:n_train])
+        module = ClassifierTraining(total_steps=budget.classifier_steps)
+        fit(module, DataLoader(train, batch_size=budget.classifier_batch, shuffle=True, drop_last=True),
+            budget.classifier_steps, work / "classifier", budget.checkpoint_every)
+        save_file(module.classifier.state_dict(), done)
+    classifier = arch.ToyClassifier()
+    classifier.load_state_dict(load_file(done))
+    return classifier.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def classifier_accuracy(classifier: arch.ToyClassifier, images_uint8: torch.Tensor, labels: torch.Tensor) -> dict:
+    logits = [classifier(to_unit_range(chunk)) for chunk in images_uint8.split(1024)]
+    return {
+        name: float((torch.cat([l[name] for l in logits]).argmax(1) == labels[:, k]).float().mean())
+        for k, name in enumerate(ATTRIBUTES)
+    }
+
+
+def stage_unet(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor], tokenizer, scaling_factor: float):
+    done = work / "unet.safetensors"
+    module = TextToImageTraining(tokenizer, scaling_factor, budget.unet_steps)
+    if not done.exists():
+        L.seed_everything(seed + 3)
+        dataset = CaptionedLatents(data["latent_mean"], data["latent_std"], scenes_of(data), seed + 3)
+        ema = EMAWeightAveraging(decay=0.999, update_starting_at_step=min(1000, budget.unet_steps // 2))
+        fit(module, DataLoader(dataset, batch_size=budget.unet_batch, shuffle=True, drop_last=True),
+            budget.unet_steps, work / "unet", budget.checkpoint_every, callbacks=[ema])
+        state = {f"unet.{k}": v for k, v in module.unet.state_dict().items()}
+        state |= {f"text_encoder.{k}": v.contiguous() for k, v in module.text_encoder.state_dict().items()}
+        save_file(state, done)
+    state = load_file(done)
+    module.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    module.text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+    return module.unet.eval(), module.text_encoder.eval()
+
+
+def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    vae = stage_vae(budget, work, seed)
+    data = stage_dataset(budget, work, seed, vae)
+    scaling_factor = float(1.0 / data["latent_mean"].std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    classifier = stage_classifier(budget, work, seed, data)
+    n_train = int(0.9 * len(data["labels"]))
+    held_out = data["labels"][n_train:]
+    classifier_quality = {
+        "renders": classifier_accuracy(classifier, data["renders"][n_train:], held_out),
+        "vae_reconstructions": classifier_accuracy(classifier, data["reconstructions"][n_train:], held_out),
+    }
+    print(f"[classifier] held-out accuracy: {json.dumps(classifier_quality)}")
+    tokenizer = build_tokenizer()
+    unet, text_encoder = stage_unet(budget, work, seed, data, tokenizer, scaling_factor)
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=arch.make_sample_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    with atomic_directory(output / "sd") as folder:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    with atomic_directory(output / "classifier") as folder:
+        save_classifier(classifier, folder, {"held_out_accuracy": classifier_quality})
+    record = {"budget": asdict(budget), "seed": seed, "seconds": round(time.time() - start, 1),
+              "device": str(unet.device), "classifier_held_out_accuracy": classifier_quality}
+    (output / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[export] wrote {output / 'sd'} and {output / 'classifier'} in {record['seconds']} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m erasure.toyworld.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path("checkpoints/toyworld"), help="where the model folders go")
+    parser.add_argument("--work", type=Path, default=None, help="stage checkpoints (default: runs/pretrain[-quick])")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny budget: proves the script works, not quality")
+    parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet step budget")
+    args = parser.parse_args(argv)
+    budget = QUICK if args.quick else Budget()
+    if args.unet_steps is not None:
+        budget = Budget(**(asdict(budget) | {"unet_steps": args.unet_steps}))
+    work = args.work or Path("runs/pretrain-quick" if args.quick else "runs/pretrain")
+    pretrain(args.output, work, budget, args.seed)
+
+
+if __name__ == "__main__":
+    main()

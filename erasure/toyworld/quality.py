@@ -1,0 +1,136 @@
+"""Measure the shipped toy-world model and classifier.
+
+    python -m erasure.toyworld.quality [--model checkpoints/toyworld/sd] [--seeds 4]
+
+* generation: every prompt "a {style} {color} {shape}" (144) with ``--seeds`` seeds; the
+  classifier's accuracy on each attribute;
+* synonyms: prompts naming a concept by its synonym ("a disk", "a crimson box"); accuracy
+  on the attribute the synonym names;
+* classifier: accuracy on fresh renders and on their VAE reconstructions;
+* speed: seconds to generate 64 images.
+
+Writes ``<model>/../quality.json`` and a grid of generations ``docs/toyworld_base.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from erasure.bundle import TOYWORLD_CLASSIFIER, TOYWORLD_MODEL, load_pipeline
+from erasure.generation import Sampler, generate, to_unit_range
+from erasure.io import atomic_write_text
+from erasure.toyworld.captions import with_article
+from erasure.toyworld.classifier import load_classifier, predict
+from erasure.toyworld.world import (
+    ATTRIBUTES, COLORS, SHAPES, STYLES, SYNONYMS, WORDS, attribute_of, render_array, sample_scene,
+)
+
+
+def attribute_prompts() -> list[tuple[str, dict[str, str]]]:
+    """("a striped red circle", {"shape": "circle", "color": "red", "style": "striped"}) for all combinations."""
+    return [
+        (with_article(f"{WORDS[style]} {color} {shape}"), {"shape": shape, "color": color, "style": style})
+        for shape, color, style in itertools.product(SHAPES, COLORS, STYLES)
+    ]
+
+
+def synonym_prompts() -> list[tuple[str, dict[str, str]]]:
+    """Prompts that name one concept by a synonym; labels hold the attributes named."""
+    prompts = []
+    for concept, synonyms in SYNONYMS.items():
+        for synonym in synonyms:
+            if attribute_of(concept) == "shape":
+                prompts.append((with_article(synonym), {"shape": concept}))
+            else:
+                prompts += [(with_article(f"{synonym} {shape}"), {attribute_of(concept): concept, "shape": shape})
+                            for shape in SHAPES]
+    prompts.append(("a crimson box", {"color": "red", "shape": "square"}))
+    return prompts
+
+
+def accuracy(predicted: dict[str, torch.Tensor], labels: list[dict[str, str]]) -> dict[str, float]:
+    """Share of images whose predicted attribute equals the label, per labelled attribute."""
+    result = {}
+    for name in ATTRIBUTES:
+        rows = [i for i, label in enumerate(labels) if name in label]
+        if rows:
+            truth = torch.tensor([ATTRIBUTES[name].index(labels[i][name]) for i in rows])
+            result[name] = round(float((predicted[name][rows] == truth).float().mean()), 4)
+    return result
+
+
+def save_grid(images: torch.Tensor, columns: int, path: Path, scale: int = 2) -> None:
+    rows = -(-len(images) // columns)
+    size = images.shape[1]
+    grid = np.full((rows * (size + 2), columns * (size + 2), 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images.numpy()):
+        r, c = divmod(i, columns)
+        grid[r * (size + 2) + 1 : r * (size + 2) + 1 + size, c * (size + 2) + 1 : c * (size + 2) + 1 + size] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+
+
+def measure(model: Path, classifier_path: Path, seeds: int, sampler: Sampler, grid: Path | None) -> dict:
+    pipeline = load_pipeline(model)
+    classifier = load_classifier(classifier_path)
+    report: dict = {"model": str(model), "sampler": vars(sampler), "seeds_per_prompt": seeds}
+
+    prompts = attribute_prompts()
+    texts = [p for p, _ in prompts for _ in range(seeds)]
+    labels = [label for _, label in prompts for _ in range(seeds)]
+    images = generate(pipeline, texts, [s for _ in prompts for s in range(seeds)], sampler, progress=True)
+    report["attribute_prompts"] = {"images": len(images), **accuracy(predict(classifier, to_unit_range(images)), labels)}
+    if grid is not None:  # first seed of every prompt: a row per shape, colours x styles across
+        save_grid(images[::seeds], columns=len(COLORS) * len(STYLES), path=grid)
+
+    prompts = synonym_prompts()
+    texts = [p for p, _ in prompts for _ in range(seeds)]
+    labels = [label for _, label in prompts for _ in range(seeds)]
+    images = generate(pipeline, texts, [100 + s for _ in prompts for s in range(seeds)], sampler, progress=True)
+    report["synonym_prompts"] = {"images": len(images), **accuracy(predict(classifier, to_unit_range(images)), labels)}
+
+    rng = np.random.default_rng(12345)
+    scenes = [sample_scene(rng) for _ in range(2000)]
+    renders = to_unit_range(torch.from_numpy(render_array(scenes)))
+    with torch.no_grad():
+        recons = pipeline.vae.decode(pipeline.vae.encode(renders).latent_dist.mean).sample.clamp(-1, 1)
+    scene_labels = [{n: getattr(s, n) for n in ATTRIBUTES} for s in scenes]
+    report["classifier"] = {
+        "fresh_renders": accuracy(predict(classifier, renders), scene_labels),
+        "vae_reconstructions": accuracy(predict(classifier, recons), scene_labels),
+    }
+
+    generate(pipeline, ["a red circle"] * 8, list(range(8)), sampler)  # warm-up
+    start = time.perf_counter()
+    generate(pipeline, [p for p, _ in attribute_prompts()[:64]], list(range(64)), Sampler(steps=25, guidance=sampler.guidance))
+    report["seconds_for_64_images_25_steps"] = round(time.perf_counter() - start, 2)
+    report["torch_threads"] = torch.get_num_threads()
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m erasure.toyworld.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=TOYWORLD_MODEL)
+    parser.add_argument("--classifier", type=Path, default=TOYWORLD_CLASSIFIER)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=Sampler.steps)
+    parser.add_argument("--guidance", type=float, default=Sampler.guidance)
+    parser.add_argument("--grid", type=Path, default=Path("docs/toyworld_base.png"))
+    parser.add_argument("--output", type=Path, default=None, help="default: <model>/../quality.json")
+    args = parser.parse_args(argv)
+    report = measure(args.model, args.classifier, args.seeds, Sampler(args.steps, args.guidance), args.grid)
+    output = args.output or args.model.parent / "quality.json"
+    atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

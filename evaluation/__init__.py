@@ -1,0 +1,1 @@
+"""The shared evaluation of erasure runs: prompt suites, metrics, the evaluation callback and reports."""

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from erasure.generation import Sampler, generate, to_unit_range
+from erasure.toyworld.classifier import predict
+from erasure.toyworld.world import ATTRIBUTES
+
+FAST = Sampler(steps=8, guidance=6.0)
+
+
+def test_same_seed_same_image_whatever_the_batch(toy_pipeline):
+    prompts, seeds = ["a red circle", "a blue star", "a red circle"], [0, 1, 5]
+    together = generate(toy_pipeline, prompts, seeds, FAST)
+    one_by_one = generate(toy_pipeline, prompts, seeds, FAST, batch_size=1)
+    assert together.shape == (3, 32, 32, 3) and together.dtype == torch.uint8
+    assert torch.equal(together, one_by_one)
+    assert not torch.equal(together[0], together[2])  # another seed, another image
+
+
+def test_prompts_and_seeds_must_pair_up(toy_pipeline):
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate(toy_pipeline, ["a red circle"], [0, 1], FAST)
+
+
+def test_shipped_model_draws_what_it_is_asked(toy_pipeline, toy_classifier):
+    """A small behavioural check of the shipped weights (the full measurement is erasure.toyworld.quality)."""
+    combos = [("red", "circle"), ("blue", "square"), ("yellow", "star"), ("green", "heart"), ("purple", "cross"),
+              ("orange", "triangle")]
+    prompts = [f"a {color} {shape}" for color, shape in combos for _ in range(2)]
+    images = generate(toy_pipeline, prompts, list(range(len(prompts))), Sampler())
+    predicted = predict(toy_classifier, to_unit_range(images))
+    for name, index in (("color", 0), ("shape", 1)):
+        truth = torch.tensor([ATTRIBUTES[name].index(combo[index]) for combo in combos for _ in range(2)])
+        assert (predicted[name] == truth).float().mean() >= 0.75, name
