@@ -40,8 +40,12 @@ def generate(
     negative_prompts: Sequence[str] | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    resolution: int | None = None,
 ) -> torch.Tensor:
-    """Generate one image per (prompt, seed) pair; returns uint8 images (N, H, W, 3)."""
+    """Generate one image per (prompt, seed) pair; returns uint8 images (N, H, W, 3).
+
+    ``resolution`` (pixels) defaults to the model's native size.
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
     if negative_prompts is not None and len(negative_prompts) != len(prompts):
@@ -57,7 +61,7 @@ def generate(
             prompt=list(prompts[start:stop]),
             negative_prompt=None if negative_prompts is None else list(negative_prompts[start:stop]),
             num_inference_steps=sampler.steps, guidance_scale=sampler.guidance, eta=sampler.eta,
-            generator=generators, output_type="np",
+            generator=generators, output_type="np", height=resolution, width=resolution,
         ).images
         images.append(torch.from_numpy((np.clip(output, 0, 1) * 255).round().astype(np.uint8)))
     return torch.cat(images)

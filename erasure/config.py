@@ -1,0 +1,170 @@
+"""Run configuration: recipes (YAML) + ``key=value`` overrides, validated against typed schemas.
+
+A recipe ``recipes/<name>.yaml`` is merged over ``recipes/base.yaml``; command-line overrides
+are merged last. The top level is checked against :class:`RunConfig`, the ``method`` section
+against the chosen method's ``Config`` dataclass, so an unknown key, a value of the wrong
+type or an invalid choice is a :class:`ConfigError` with a one-line message naming it and
+the valid choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from erasure.bundle import REPO_ROOT
+
+RECIPES_DIR = REPO_ROOT / "recipes"
+BASE_RECIPE = "base"
+
+
+class ConfigError(ValueError):
+    """A bad recipe, key or value; the message is one line naming the problem and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "checkpoints/toyworld/sd"
+    resolution: int | None = None
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 50
+
+
+@dataclass
+class EvaluationConfig:
+    enabled: bool = True
+    evaluator: str = "toyworld"
+    classifier: str = "checkpoints/toyworld/classifier"
+    steps: int = 25
+    guidance: float = 6.0
+    images_per_prompt: int = 3
+    target_csv: str | None = None
+    synonym_csv: str | None = None
+    retained_csv: str | None = None
+    every_n_steps: int = 0
+    batch_size: int = 64
+    kid_subset_size: int = 50
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "???"
+    concept: Any = "circle"
+    seed: int = 0
+    output_dir: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    method: Any = None
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != BASE_RECIPE)
+
+
+def _keys_at(schema: DictConfig, full_key: str) -> list[str]:
+    node: Any = schema
+    for part in full_key.split(".")[:-1]:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _merge(schema: DictConfig, *layers: Any, prefix: str = "") -> DictConfig:
+    """Merge layers into a structured schema, turning OmegaConf errors into one-line ConfigErrors."""
+    try:
+        return OmegaConf.merge(schema, *layers)
+    except ConfigKeyError as error:
+        key = f"{prefix}{error.full_key}"
+        valid = ", ".join(_keys_at(schema, str(error.full_key)))
+        raise ConfigError(f"unknown key '{key}'; valid keys here: {valid}") from None
+    except ValidationError as error:
+        key = f"{prefix}{error.full_key}"
+        reason = str(error.msg).splitlines()[0]
+        raise ConfigError(f"invalid value for '{key}': {reason}") from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid configuration: {str(error).splitlines()[0]}") from None
+
+
+def parse_overrides(arguments: list[str]) -> DictConfig:
+    bad = [a for a in arguments if "=" not in a or a.startswith("=")]
+    if bad:
+        raise ConfigError(f"argument '{bad[0]}' is not of the form key=value (e.g. concept=star trainer.max_steps=300)")
+    try:
+        return OmegaConf.from_dotlist(arguments)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot parse the overrides: {str(error).splitlines()[0]}") from None
+
+
+def normalise_concepts(value: Any) -> list[str]:
+    concepts = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not concepts or any(not isinstance(c, str) or not c.strip() for c in concepts):
+        raise ConfigError(f"concept must be a non-empty word or list of words, got {value!r}; e.g. concept=circle")
+    return [c.strip() for c in concepts]
+
+
+def load_config(arguments: list[str]) -> DictConfig:
+    """Resolve ``recipe=<name> key=value ...`` into a validated config (nothing is written)."""
+    from erasure.methods import METHODS  # methods import torch; keep config parsing importable alone
+
+    overrides = parse_overrides(arguments)
+    recipe = overrides.pop("recipe", None)
+    recipes = available_recipes()
+    if recipe is None:
+        raise ConfigError(f"no recipe given; pass recipe=<name>, one of: {', '.join(recipes)}")
+    if recipe not in recipes:
+        raise ConfigError(f"unknown recipe '{recipe}'; available recipes: {', '.join(recipes)}")
+    base = OmegaConf.load(RECIPES_DIR / f"{BASE_RECIPE}.yaml")
+    recipe_layer = OmegaConf.load(RECIPES_DIR / f"{recipe}.yaml")
+
+    method_layers = [layer.pop("method", None) or {} for layer in (base, recipe_layer, overrides)]
+    config = _merge(OmegaConf.structured(RunConfig), base, recipe_layer, overrides)
+    config.recipe = recipe
+
+    name = OmegaConf.merge(*method_layers).get("name")
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}' in recipe {recipe}; known methods: {', '.join(METHODS)}")
+    method_class = METHODS[name]
+    method = _merge(OmegaConf.structured(method_class.Config), *method_layers, prefix="method.")
+    for key, allowed in method_class.choices.items():
+        if method[key] not in allowed:
+            raise ConfigError(f"invalid value for 'method.{key}': {method[key]!r}; choose one of: {', '.join(allowed)}")
+    config.method = method
+    config.concept = normalise_concepts(config.concept)
+    check_ranges(config)
+    if config.output_dir is None:
+        config.output_dir = f"runs/{recipe}/{datetime.now():%Y%m%d-%H%M%S}"
+    return config
+
+
+def check_ranges(config: DictConfig) -> None:
+    positive = {"trainer.max_steps": config.trainer.max_steps, "method.lr": config.method.get("lr", 1),
+                "method.batch_size": config.method.get("batch_size", 1), "evaluation.steps": config.evaluation.steps,
+                "evaluation.images_per_prompt": config.evaluation.images_per_prompt}
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"'{key}' must be positive, got {value}")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Paths in configs are relative to the working directory, else to the repository."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    in_repo = REPO_ROOT / path
+    return in_repo if in_repo.exists() else path

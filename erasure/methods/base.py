@@ -1,0 +1,205 @@
+"""The base eraser: one LightningModule that every method subclasses.
+
+It owns what all methods share:
+
+* the model bundle (a ``StableDiffusionPipeline``: tokenizer, text encoder, UNet, VAE,
+  scheduler), all frozen except the UNet tensors the method selects;
+* frozen reference predictions eps*(x_t, c, t) *without a second UNet*: the original values of
+  the trained tensors are kept, and ``torch.func.functional_call`` evaluates the UNet with them;
+* prompt encoding through the pipeline's own ``encode_prompt``, cached per prompt;
+* partial DDIM sampling with classifier-free guidance (x_t for ESD-style objectives);
+* generation through the ordinary pipeline call (for the evaluation callback);
+* saving the result as a delta of the changed UNet tensors.
+
+A method sets ``name``, a ``Config`` dataclass of its options, the tensors it trains
+(``trainable_patterns``) and its objective (``training_step``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
+from erasure import generation
+from erasure.losses import LOSSES
+from erasure.weights import DELTA_FILE, save_delta
+
+
+@dataclass
+class MethodConfig:
+    """Options every method has."""
+
+    name: str = "???"
+    loss: str = "mse"  # mse | hellinger | chi2 (erasure.losses)
+    sigma: float = 1.0  # sigma of the f-divergence losses
+    lr: float = 1e-5
+    batch_size: int = 1
+
+
+class EraserModule(L.LightningModule):
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    choices: ClassVar[dict[str, Sequence[str]]] = {"loss": tuple(LOSSES)}
+    # Module types whose parameters may be trained (as in the ESD reference code: no norms, no embeddings).
+    trainable_module_types: ClassVar[tuple[type, ...]] = (torch.nn.Linear, torch.nn.Conv2d)
+
+    def __init__(self, pipeline: StableDiffusionPipeline, config: MethodConfig, concepts: Sequence[str],
+                 seed: int = 0, resolution: int | None = None):
+        super().__init__()
+        self.pipeline = pipeline
+        self.unet, self.text_encoder, self.vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
+        for module in (self.unet, self.text_encoder, self.vae):
+            module.requires_grad_(False)
+        self.config, self.concepts, self.seed = config, list(concepts), seed
+        self.latent_size = (resolution or self.unet.config.sample_size * pipeline.vae_scale_factor) // pipeline.vae_scale_factor
+        self.noise_schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.loss_fn = LOSSES[config.loss]
+        self.trained = self.select_trainable()
+        for parameter in self.trained.values():
+            parameter.requires_grad_(True)
+        self.original = {name: p.detach().clone() for name, p in self.trained.items()}
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.strict_loading = False  # checkpoints hold only the trained tensors
+
+    # ----- what is trained ---------------------------------------------------------------
+    def trainable_patterns(self) -> tuple[str, str | None]:
+        """(include, exclude) regular expressions over UNet module names."""
+        raise NotImplementedError
+
+    def select_trainable(self) -> dict[str, torch.nn.Parameter]:
+        """UNet parameters of Linear/Conv2d modules whose name matches include and not exclude."""
+        include, exclude = self.trainable_patterns()
+        selected = {}
+        for module_name, module in self.unet.named_modules():
+            if not isinstance(module, self.trainable_module_types):
+                continue
+            if re.search(include, module_name) and not (exclude and re.search(exclude, module_name)):
+                for parameter_name, parameter in module.named_parameters(recurse=False):
+                    selected[f"{module_name}.{parameter_name}"] = parameter
+        if not selected:
+            raise ValueError(f"{self.name}: no UNet parameter matches {include!r}; is this a Stable Diffusion UNet?")
+        return selected
+
+    def on_fit_start(self) -> None:
+        self.original = {name: value.to(self.device) for name, value in self.original.items()}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(list(self.trained.values()), lr=self.config.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        """Objectives draw their own inputs; the loader only counts steps."""
+        return DataLoader(range(self.trainer.max_steps if self.trainer.max_steps > 0 else 1), batch_size=None)
+
+    def step_generator(self) -> torch.Generator:
+        """Randomness of one step, a function of (seed, step) alone, so resumed runs repeat it."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+
+    # ----- predictions ------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states (batch, tokens, width), cached per prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            embeds, _ = self.pipeline.encode_prompt(missing, self.device, 1, do_classifier_free_guidance=False)
+            self._prompt_cache.update(zip(missing, embeds))
+        return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
+
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The trained model's noise prediction eps_theta(x_t, c, t)."""
+        return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
+
+    @torch.no_grad()
+    def predict_frozen(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The original model's prediction eps*(x_t, c, t), from the saved original tensors."""
+        return functional_call(self.unet, self.original, (latents, timesteps), {"encoder_hidden_states": embeds}).sample
+
+    @torch.no_grad()
+    def sample_until(self, embeds: torch.Tensor, stop: int, steps: int, guidance: float, generator: torch.Generator,
+                     frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``stop`` of ``steps`` DDIM steps from pure noise with classifier-free guidance.
+
+        Returns (x_t, t): the partially denoised latents and the timestep they are at.
+        """
+        scheduler = DDIMScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler.set_timesteps(steps)
+        shape = (len(embeds), self.unet.config.in_channels, self.latent_size, self.latent_size)
+        latents = torch.randn(shape, generator=generator).to(self.device, embeds.dtype) * scheduler.init_noise_sigma
+        unconditional = self.encode([""] * len(embeds))
+        predict = self.predict_frozen if frozen else self.predict
+        for t in scheduler.timesteps[:stop]:
+            both = predict(torch.cat([latents, latents]), t, torch.cat([unconditional, embeds]))
+            eps_uncond, eps_cond = both.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            latents = scheduler.step(eps, t, latents).prev_sample
+        timestep = scheduler.timesteps[stop].expand(len(embeds)).to(self.device)
+        return latents, timestep
+
+    def add_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps with t ~ U{0..T-1}; returns (x_t, eps, t)."""
+        t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        return self.noise_schedule.add_noise(latents, noise, t).to(latents), noise, t.to(self.device)
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(prediction, target, self.config.sigma)
+
+    # ----- generation and results ---------------------------------------------------------
+    @contextlib.contextmanager
+    def original_weights(self) -> Iterator[None]:
+        """Temporarily put the original values back into the trained tensors."""
+        with torch.no_grad():
+            current = {name: p.detach().clone() for name, p in self.trained.items()}
+            for name, parameter in self.trained.items():
+                parameter.copy_(self.original[name])
+            try:
+                yield
+            finally:
+                for name, parameter in self.trained.items():
+                    parameter.copy_(current[name])
+
+    def prompts_for_generation(self, prompts: Sequence[str]) -> tuple[list[str], list[str] | None]:
+        """(prompts, negative prompts) the erased model is sampled with; weight edits keep the prompts."""
+        return list(prompts), None
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], sampler: generation.Sampler,
+                 original: bool = False, batch_size: int = 64) -> torch.Tensor:
+        """Images (N, H, W, 3) uint8 of the original model or of the erased model."""
+        was_training = self.training
+        self.eval()
+        try:
+            if original:
+                with self.original_weights():
+                    return generation.generate(self.pipeline, prompts, seeds, sampler, batch_size=batch_size,
+                                               progress=True, resolution=self.latent_size * self.pipeline.vae_scale_factor)
+            prompts, negatives = self.prompts_for_generation(prompts)
+            return generation.generate(self.pipeline, prompts, seeds, sampler, negative_prompts=negatives,
+                                       batch_size=batch_size, progress=True,
+                                       resolution=self.latent_size * self.pipeline.vae_scale_factor)
+        finally:
+            self.train(was_training)
+
+    def changed_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.trained.items() if not torch.equal(p.detach(), self.original[n].to(p.device))}
+
+    def save_erased(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``folder/unet_delta.safetensors`` with the changed UNet tensors only."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {"method": self.name, "concepts": ",".join(self.concepts), **{k: str(v) for k, v in (metadata or {}).items()}}
+        save_delta(self.changed_tensors(), folder / DELTA_FILE, metadata=info)
+        return folder / DELTA_FILE
+
+    # Checkpoints carry the trained tensors only (a full SD UNet would be gigabytes per checkpoint).
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {f"unet.{name}" for name in self.trained}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}

@@ -1,0 +1,96 @@
+"""Erased Stable Diffusion (ESD; Gandikota et al., "Erasing Concepts from Diffusion Models", ICCV 2023).
+
+With the frozen model eps*, the trained model eps_theta, the concept prompt c and the
+negative guidance eta, ESD trains
+
+    target = eps*(x_t, t) - eta * (eps*(x_t, c, t) - eps*(x_t, t))
+    loss   = L(eps_theta(x_t, c, t), target)
+
+(``L`` = ``method.loss``: mse by default, or an f-divergence loss). eta is the paper's
+convention (default 1.0). The later diffusers code writes the same target as
+eps_c - eta' (eps_c - eps_null) with eta' = eta + 1 = 2.
+
+x_t comes from partial DDIM sampling: ``ddim_steps`` (50) DDIM steps with guidance
+``sample_guidance`` (3), stopped after a random number of steps; the query timestep is the
+timestep x_t is at. The paper samples with the model being trained (``sample_from=trained``);
+the later diffusers code with the frozen model (``sample_from=frozen``).
+
+With ``erase_from`` (a prompt c_from, e.g. erase "red" from "a circle"), x_t is sampled from
+c_from, the trained prediction is eps_theta(x_t, c_from, t), and
+
+    target = eps*(x_t, c_from, t) - (1 + eta) * (eps*(x_t, c, t) - eps*(x_t, t)),
+
+which equals the target above when c_from = c (as in the reference code's erase_from).
+
+Several concepts are erased together by drawing one per step.
+
+Parameter sets (``train_method``): ``esd-x`` all cross-attention (attn2) projections,
+``esd-x-strict`` only attn2.to_k/to_v, ``esd-u`` every Linear/Conv2d outside attn2,
+``esd-all`` every Linear/Conv2d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from erasure.losses import LOSSES
+from erasure.methods.base import EraserModule, MethodConfig
+
+TRAIN_METHODS = {
+    "esd-x": (r"attn2", None),
+    "esd-x-strict": (r"attn2\.to_[kv]$", None),
+    "esd-u": (r".", r"attn2"),
+    "esd-all": (r".", None),
+}
+
+
+@dataclass
+class ESDConfig(MethodConfig):
+    name: str = "esd"
+    train_method: str = "esd-x"
+    eta: float = 1.0  # negative guidance, paper convention
+    lr: float = 1e-5
+    batch_size: int = 1
+    ddim_steps: int = 50
+    sample_guidance: float = 3.0
+    sample_from: str = "trained"  # trained (paper) | frozen (later diffusers code)
+    erase_from: str | None = None
+    prompt_template: str = "{concept}"
+
+
+def esd_target(eps_from: torch.Tensor, eps_concept: torch.Tensor, eps_null: torch.Tensor, eta: float) -> torch.Tensor:
+    """eps*(c_from) - (1 + eta)(eps*(c) - eps*(null)); with c_from = c: eps*(null) - eta (eps*(c) - eps*(null))."""
+    return eps_from - (1.0 + eta) * (eps_concept - eps_null)
+
+
+class ESD(EraserModule):
+    name = "esd"
+    Config = ESDConfig
+    choices = {"loss": tuple(LOSSES), "train_method": tuple(TRAIN_METHODS), "sample_from": ("trained", "frozen")}
+
+    def trainable_patterns(self) -> tuple[str, str | None]:
+        return TRAIN_METHODS[self.config.train_method]
+
+    def training_step(self, step: int, batch_idx: int) -> torch.Tensor:
+        config = self.config
+        generator = self.step_generator()
+        concept = self.concepts[int(torch.randint(len(self.concepts), (1,), generator=generator))]
+        prompt = config.prompt_template.format(concept=concept)
+        trained_prompt = config.erase_from or prompt
+        concept_embeds = self.encode([prompt] * config.batch_size)
+        trained_embeds = self.encode([trained_prompt] * config.batch_size)
+        null_embeds = self.encode([""] * config.batch_size)
+
+        stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
+        latents, t = self.sample_until(trained_embeds, stop, config.ddim_steps, config.sample_guidance, generator,
+                                       frozen=config.sample_from == "frozen")
+        eps_concept = self.predict_frozen(latents, t, concept_embeds)
+        eps_null = self.predict_frozen(latents, t, null_embeds)
+        eps_from = self.predict_frozen(latents, t, trained_embeds) if config.erase_from else eps_concept
+        target = esd_target(eps_from, eps_concept, eps_null, config.eta)
+
+        loss = self.loss(self.predict(latents, t, trained_embeds), target)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss

@@ -1,0 +1,117 @@
+"""The shared evaluation: one Lightning callback scores every method on the same prompts and seeds.
+
+At fit start it generates the suites with the original model ("before"), at fit end with the
+erased model ("after"), and optionally every N steps (logged only). It logs the metrics
+through the Lightning logger and writes ``metrics.json``, ``samples/*.png`` and ``report.md``
+into the run directory. The evaluator never influences training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from erasure.generation import Sampler
+from erasure.io import atomic_write_text
+from evaluation.evaluators import Evaluator
+from evaluation.metrics import KID, SUITE_METRICS, kid, suite_accuracy
+from evaluation.report import comparison_grid, write_report
+from evaluation.suites import Prompt, write_csv
+
+
+class EvaluationCallback(L.Callback):
+    def __init__(self, suites: dict[str, list[Prompt]], evaluator: Evaluator, sampler: Sampler, output_dir: Path,
+                 run_info: dict, images_per_prompt: int = 3, every_n_steps: int = 0, batch_size: int = 64,
+                 kid_subset_size: int = 50):
+        self.suites, self.evaluator, self.sampler = suites, evaluator, sampler
+        self.output_dir, self.run_info = Path(output_dir), run_info
+        self.images_per_prompt, self.every_n_steps = images_per_prompt, every_n_steps
+        self.batch_size, self.kid_subset_size = batch_size, kid_subset_size
+        self.original_images: dict[str, torch.Tensor] = {}
+        self.before: dict[str, float] = {}
+        self.eval_seconds = 0.0
+        self.fit_started = 0.0
+
+    # ----- generation and scoring -----------------------------------------------------------
+    def _rows(self, suite: str) -> tuple[list[str], list[int], list[str]]:
+        prompts, seeds, concepts = [], [], []
+        for row in self.suites[suite]:
+            for k in range(self.images_per_prompt):
+                prompts.append(row.prompt)
+                seeds.append(row.evaluation_seed + k)
+                concepts.append(row.concept)
+        return prompts, seeds, concepts
+
+    def _generate(self, module, original: bool) -> dict[str, torch.Tensor]:
+        images = {}
+        for suite in self.suites:
+            prompts, seeds, _ = self._rows(suite)
+            images[suite] = module.generate(prompts, seeds, self.sampler, original=original, batch_size=self.batch_size)
+        return images
+
+    def score(self, images: dict[str, torch.Tensor]) -> dict[str, float]:
+        metrics = {}
+        for suite, name in SUITE_METRICS.items():
+            if suite in images:
+                metrics[name] = round(suite_accuracy(self.evaluator, images[suite], self._rows(suite)[2]), 4)
+        if "retained" in images:
+            metrics[KID] = round(kid(self.evaluator, self.original_images["retained"], images["retained"],
+                                     self.kid_subset_size), 5)
+        return metrics
+
+    def _evaluate(self, module, original: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        start = time.perf_counter()
+        images = self._generate(module, original)
+        if original:
+            self.original_images = images
+        metrics = self.score(images)
+        self.eval_seconds += time.perf_counter() - start
+        return images, metrics
+
+    # ----- hooks ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, module) -> None:
+        _, self.before = self._evaluate(module, original=True)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"before/{k}": v for k, v in self.before.items()}, step=trainer.global_step)
+        self.fit_started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step < trainer.max_steps:
+            _, metrics = self._evaluate(module, original=False)
+            for logger in trainer.loggers:
+                logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: L.Trainer, module) -> None:
+        fit_seconds = time.perf_counter() - self.fit_started
+        images, after = self._evaluate(module, original=False)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"after/{k}": v for k, v in after.items()}, step=trainer.global_step)
+            logger.save()
+        self.write(images, after, fit_seconds)
+
+    # ----- outputs -------------------------------------------------------------------------
+    def protocol(self) -> dict:
+        return {"sampler": f"DDIM, {self.sampler.steps} steps, eta {self.sampler.eta}",
+                "guidance": self.sampler.guidance, "images_per_prompt": self.images_per_prompt,
+                "seeds": "evaluation_seed + k, k < images_per_prompt",
+                "evaluator": self.evaluator.name, "suites": {s: len(rows) for s, rows in self.suites.items()}}
+
+    def write(self, images: dict[str, torch.Tensor], after: dict[str, float], fit_seconds: float) -> None:
+        out = self.output_dir
+        grids = {}
+        for suite, rows in self.suites.items():
+            (out / "prompts").mkdir(parents=True, exist_ok=True)
+            write_csv(rows, out / "prompts" / f"{suite}.csv")
+            path = out / "samples" / f"{suite}.png"
+            comparison_grid([r.prompt for r in rows], self.original_images[suite], images[suite],
+                            self.images_per_prompt, path)
+            grids[suite] = f"samples/{suite}.png"
+        metrics = {**self.run_info, "before": self.before, "after": after,
+                   "seconds": {"fit": round(fit_seconds, 1), "eval": round(self.eval_seconds, 1)},
+                   "protocol": self.protocol()}
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_report(out / "report.md", metrics, self.protocol(), grids)

@@ -1,0 +1,88 @@
+"""The training CLI: errors, determinism, resume, and the delta that reproduces the erased model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from erasure.train import main
+from erasure.weights import load_delta
+
+FAST = ["trainer.checkpoint_every_n_steps=2", "method.ddim_steps=6", "method.batch_size=1", "evaluation.enabled=false"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["recipe=nope"], "unknown recipe 'nope'; available recipes: esd"),
+    (["recipe=esd", "trainer.max_step=3"], "unknown key 'trainer.max_step'; valid keys here: accelerator"),
+    (["recipe=esd", "method.train_method=esd-q"], "'method.train_method': 'esd-q'; choose one of: esd-x, esd-x-strict"),
+    (["recipe=esd", "trainer.max_steps=many"], "invalid value for 'trainer.max_steps'"),
+    (["recipe=esd", "method.eta=strong"], "invalid value for 'method.eta'"),
+    (["recipe=esd", "concept=[]"], "concept must be a non-empty word"),
+    (["recipe=esd", "trainer.max_steps=-5"], "'trainer.max_steps' must be positive"),
+    (["esd"], "argument 'esd' is not of the form key=value"),
+    (["trainer.max_steps=3"], "no recipe given; pass recipe=<name>"),
+    (["recipe=esd", "model.path=/nonexistent/sd"], "model folder /nonexistent/sd does not exist"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, arguments, message):
+    output = tmp_path / "run"
+    assert main([*arguments, f"output_dir={output}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not output.exists()
+
+
+def test_help_lists_recipes_and_keys(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "recipes: esd" in text and "method.train_method=esd-u" in text and "model.path" in text
+
+
+def test_existing_output_dir_is_refused(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    assert main(["recipe=esd", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "already exists; pass overwrite=true" in capsys.readouterr().err
+    assert (tmp_path / "run" / "keep.txt").exists()
+
+
+def test_resume_finishes_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(["recipe=esd", "trainer.max_steps=4", f"output_dir={straight}", *FAST]) == 0
+    assert main(["recipe=esd", "trainer.max_steps=2", f"output_dir={interrupted}", *FAST]) == 0
+    assert main(["recipe=esd", "trainer.max_steps=4", f"output_dir={interrupted}", "resume=true", *FAST]) == 0
+    a, b = load_delta(straight / "erased" / "unet_delta.safetensors"), load_delta(interrupted / "erased" / "unet_delta.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    assert torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A short ESD run with a small evaluation, shared by the tests below."""
+    output = tmp_path_factory.mktemp("runs") / "esd"
+    arguments = ["recipe=esd", "trainer.max_steps=3", f"output_dir={output}", "trainer.checkpoint_every_n_steps=2",
+                 "method.ddim_steps=6", "method.lr=1e-3", "evaluation.images_per_prompt=1", "evaluation.steps=8"]
+    assert main(arguments) == 0
+    return output, arguments
+
+
+def test_run_directory_has_every_artifact(small_run):
+    output, _ = small_run
+    for path in ("config.yaml", "erased/unet_delta.safetensors", "metrics.json", "report.md", "samples/target.png",
+                 "samples/retained.png", "prompts/target.csv", "logs/metrics.csv", "checkpoints/last.ckpt"):
+        assert (output / path).is_file(), path
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["recipe"] == "esd" and metrics["erase"] == ["circle"]
+    for phase in ("before", "after"):
+        assert set(metrics[phase]) == {"efficacy/target_acc", "generality/synonym_acc", "specificity/retained_acc",
+                                       "fidelity/kid"}
+    assert metrics["seconds"]["fit"] > 0 and metrics["seconds"]["eval"] > 0
+    assert "| efficacy/target_acc |" in (output / "report.md").read_text()
+
+
+def test_same_seed_same_metrics(small_run, tmp_path):
+    output, arguments = small_run
+    again = tmp_path / "again"
+    assert main([a for a in arguments if not a.startswith("output_dir")] + [f"output_dir={again}"]) == 0
+    first, second = (json.loads((p / "metrics.json").read_text()) for p in (output, again))
+    assert first["before"] == second["before"] and first["after"] == second["after"]
