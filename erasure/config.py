@@ -146,6 +146,10 @@ def load_config(arguments: list[str]) -> DictConfig:
             raise ConfigError(f"invalid value for 'method.{key}': {method[key]!r}; choose one of: {', '.join(allowed)}")
     config.method = method
     config.concept = normalise_concepts(config.concept)
+    try:
+        method_class.check(OmegaConf.to_object(method), list(config.concept))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     check_ranges(config)
     if config.output_dir is None:
         config.output_dir = f"runs/{recipe}/{datetime.now():%Y%m%d-%H%M%S}"

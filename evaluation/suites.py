@@ -12,8 +12,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from erasure.toyworld.captions import with_article
-from erasure.toyworld.world import ATTRIBUTES, SHAPES, SYNONYMS, WORDS, attribute_of
+from erasure.toyworld.captions import prompts_naming
+from erasure.toyworld.world import ATTRIBUTES, SYNONYMS, WORDS, attribute_of
 
 LABEL_COLUMNS = ("concept", "class", "artist", "label")
 PARAPHRASES = ("", "a picture of ", "an image of ", "a drawing of ")
@@ -49,20 +49,6 @@ def write_csv(prompts: list[Prompt], path: Path) -> None:
         writer.writerows([(p.case_number, p.prompt, p.evaluation_seed, p.concept) for p in prompts])
 
 
-def _phrases(concept: str, word: str) -> list[str]:
-    """Prompts naming ``concept`` by ``word``, each with the shape named so the scene is complete."""
-    attribute = attribute_of(concept)
-    if attribute == "shape":
-        return [with_article(word)] + [with_article(f"{WORDS[c]} {word}") for c in ATTRIBUTES["color"]] + \
-               [with_article(f"{WORDS[s]} {word}") for s in ATTRIBUTES["style"]]
-    other = "style" if attribute == "color" else "color"
-    return [with_article(f"{word} {shape}") for shape in SHAPES] + [
-        with_article(f"{WORDS[v]} {word} {SHAPES[i % len(SHAPES)]}" if attribute == "color"
-                     else f"{word} {WORDS[v]} {SHAPES[i % len(SHAPES)]}")
-        for i, v in enumerate(ATTRIBUTES[other])
-    ]
-
-
 def toyworld_suites(erased: list[str], seed: int = 0) -> dict[str, list[Prompt]]:
     """The toy world's target, synonym and retained suites for the erased concepts.
 
@@ -72,14 +58,14 @@ def toyworld_suites(erased: list[str], seed: int = 0) -> dict[str, list[Prompt]]
     """
     suites: dict[str, list[tuple[str, str]]] = {"target": [], "synonym": [], "retained": []}
     for concept in erased:
-        suites["target"] += [(p, concept) for p in _phrases(concept, WORDS[concept])]
-        for k, phrase in enumerate(p for s in SYNONYMS[concept] for p in _phrases(concept, s)):
+        suites["target"] += [(p, concept) for p in prompts_naming(concept, WORDS[concept])]
+        for k, phrase in enumerate(p for s in SYNONYMS[concept] for p in prompts_naming(concept, s)):
             suites["synonym"].append((PARAPHRASES[k % len(PARAPHRASES)] + phrase, concept))
     attributes = {attribute_of(c) for c in erased}
     for attribute in sorted(attributes):
         for other in ATTRIBUTES[attribute]:
             if other not in erased:
-                suites["retained"] += [(p, other) for p in _phrases(other, WORDS[other])[::3]]
+                suites["retained"] += [(p, other) for p in prompts_naming(other, WORDS[other])[::3]]
     return {
         name: [Prompt(i, prompt, seed + 1000 * i, concept) for i, (prompt, concept) in enumerate(rows)]
         for name, rows in suites.items()

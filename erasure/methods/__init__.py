@@ -1,8 +1,12 @@
 """Erasure methods: one LightningModule subclass of :class:`EraserModule` per file."""
 
 from erasure.methods.base import EraserModule, MethodConfig
+from erasure.methods.ablation import Ablation
 from erasure.methods.esd import ESD
+from erasure.methods.instruction import Instruction
+from erasure.methods.lora import LoRA
+from erasure.methods.uce import UCE
 
-METHODS: dict[str, type[EraserModule]] = {cls.name: cls for cls in (ESD,)}
+METHODS: dict[str, type[EraserModule]] = {cls.name: cls for cls in (ESD, Ablation, UCE, LoRA, Instruction)}
 
 __all__ = ["METHODS", "EraserModule", "MethodConfig"]

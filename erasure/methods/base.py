@@ -52,6 +52,7 @@ class EraserModule(L.LightningModule):
     choices: ClassVar[dict[str, Sequence[str]]] = {"loss": tuple(LOSSES)}
     # Module types whose parameters may be trained (as in the ESD reference code: no norms, no embeddings).
     trainable_module_types: ClassVar[tuple[type, ...]] = (torch.nn.Linear, torch.nn.Conv2d)
+    edits_weights: ClassVar[bool] = True
 
     def __init__(self, pipeline: StableDiffusionPipeline, config: MethodConfig, concepts: Sequence[str],
                  seed: int = 0, resolution: int | None = None):
@@ -86,7 +87,7 @@ class EraserModule(L.LightningModule):
             if re.search(include, module_name) and not (exclude and re.search(exclude, module_name)):
                 for parameter_name, parameter in module.named_parameters(recurse=False):
                     selected[f"{module_name}.{parameter_name}"] = parameter
-        if not selected:
+        if not selected and self.edits_weights:
             raise ValueError(f"{self.name}: no UNet parameter matches {include!r}; is this a Stable Diffusion UNet?")
         return selected
 
@@ -96,8 +97,12 @@ class EraserModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(list(self.trained.values()), lr=self.config.lr)
 
+    @classmethod
+    def check(cls, config: MethodConfig, concepts: Sequence[str]) -> None:
+        """Raise ValueError (one line) for option combinations a schema cannot express."""
+
     def train_dataloader(self) -> DataLoader:
-        """Objectives draw their own inputs; the loader only counts steps."""
+        """Objectives draw their own inputs; the loader only counts steps (one epoch = max_steps)."""
         return DataLoader(range(self.trainer.max_steps if self.trainer.max_steps > 0 else 1), batch_size=None)
 
     def step_generator(self) -> torch.Generator:

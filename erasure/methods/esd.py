@@ -74,23 +74,26 @@ class ESD(EraserModule):
         return TRAIN_METHODS[self.config.train_method]
 
     def training_step(self, step: int, batch_idx: int) -> torch.Tensor:
-        config = self.config
-        generator = self.step_generator()
-        concept = self.concepts[int(torch.randint(len(self.concepts), (1,), generator=generator))]
-        prompt = config.prompt_template.format(concept=concept)
-        trained_prompt = config.erase_from or prompt
-        concept_embeds = self.encode([prompt] * config.batch_size)
-        trained_embeds = self.encode([trained_prompt] * config.batch_size)
-        null_embeds = self.encode([""] * config.batch_size)
-
-        stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
-        latents, t = self.sample_until(trained_embeds, stop, config.ddim_steps, config.sample_guidance, generator,
-                                       frozen=config.sample_from == "frozen")
-        eps_concept = self.predict_frozen(latents, t, concept_embeds)
-        eps_null = self.predict_frozen(latents, t, null_embeds)
-        eps_from = self.predict_frozen(latents, t, trained_embeds) if config.erase_from else eps_concept
-        target = esd_target(eps_from, eps_concept, eps_null, config.eta)
-
-        loss = self.loss(self.predict(latents, t, trained_embeds), target)
+        loss = esd_loss(self, self.config)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+
+def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
+    """One ESD step's loss for ``module`` (an ESD or a LoRA eraser with the ESD objective)."""
+    generator = module.step_generator()
+    concept = module.concepts[int(torch.randint(len(module.concepts), (1,), generator=generator))]
+    prompt = config.prompt_template.format(concept=concept)
+    trained_prompt = config.erase_from or prompt
+    concept_embeds = module.encode([prompt] * config.batch_size)
+    trained_embeds = module.encode([trained_prompt] * config.batch_size)
+    null_embeds = module.encode([""] * config.batch_size)
+
+    stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
+    latents, t = module.sample_until(trained_embeds, stop, config.ddim_steps, config.sample_guidance, generator,
+                                     frozen=config.sample_from == "frozen")
+    eps_concept = module.predict_frozen(latents, t, concept_embeds)
+    eps_null = module.predict_frozen(latents, t, null_embeds)
+    eps_from = module.predict_frozen(latents, t, trained_embeds) if config.erase_from else eps_concept
+    target = esd_target(eps_from, eps_concept, eps_null, config.eta)
+    return module.loss(module.predict(latents, t, trained_embeds), target)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from erasure.toyworld.world import ATTRIBUTES, SYNONYMS, WORDS, Scene
+from erasure.toyworld.world import ATTRIBUTES, SHAPES, SYNONYMS, WORDS, Scene, attribute_of
 
 EMPTY_CAPTION_RATE = 0.1
 SYNONYM_RATE = 0.3
@@ -69,3 +69,18 @@ def vocabulary() -> list[str]:
     for prefix in PREFIXES:
         words.update(prefix.split())
     return sorted(words) + [",", "."]
+
+
+def prompts_naming(concept: str, word: str | None = None) -> list[str]:
+    """Prompts naming ``concept`` (by ``word``, default its own word), each naming a shape so the
+    scene is complete: "a circle", "a red circle", ...; "a red square", "a striped red star", ..."""
+    word = word or WORDS[concept]
+    attribute = attribute_of(concept)
+    if attribute == "shape":
+        return [with_article(word)] + [with_article(f"{WORDS[v]} {word}") for v in ATTRIBUTES["color"] + ATTRIBUTES["style"]]
+    other = "style" if attribute == "color" else "color"
+    prompts = [with_article(f"{word} {shape}") for shape in SHAPES]
+    for i, value in enumerate(ATTRIBUTES[other]):
+        adjectives = f"{WORDS[value]} {word}" if attribute == "color" else f"{word} {WORDS[value]}"
+        prompts.append(with_article(f"{adjectives} {SHAPES[i % len(SHAPES)]}"))
+    return prompts

@@ -1,0 +1,127 @@
+"""Concept Ablation (Kumari et al., "Ablating Concepts in Text-to-Image Diffusion Models", ICCV 2023).
+
+An anchor prompt c ("a red square") and its target prompt c* (the same prompt naming the
+erased concept: "a red circle"). x_t is a noised latent of an *anchor image*, generated once
+by the base model from anchor prompts and cached in the run directory. The model-based
+objective (default) maps the target prompt onto the anchor's prediction,
+
+    L(Phi_hat(x_t, c*, t), sg(Phi(x_t, c, t))),
+
+the noise-based one onto the noise, L(Phi_hat(x_t, c*, t), eps), and an optional prior
+preservation term adds ``prior_weight`` * L(Phi_hat(x_t, c, t), eps) on the anchor pairs
+(L = ``method.loss``; t ~ U{0..T-1}).
+
+Phi is the frozen original model by default (``anchor_model=frozen``, as in the f-divergence
+paper, Novello et al. 2026); the reference code uses the current model under no_grad
+(``anchor_model=current``).
+
+Parameter groups: ``xattn-kv`` attn2.to_k/to_v (default; styles and objects), ``attn`` every
+attention projection, ``full`` every Linear/Conv2d.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from erasure.generation import Sampler
+from erasure.losses import LOSSES
+from erasure.methods.base import EraserModule, MethodConfig
+from erasure.toyworld.captions import prompts_naming
+from erasure.toyworld.world import WORDS
+
+PARAMETER_GROUPS = {"xattn-kv": (r"attn2\.to_[kv]$", None), "attn": (r"attn[12]\.", None), "full": (r".", None)}
+ANCHORS_FILE = "anchors.safetensors"
+
+
+@dataclass
+class AblationConfig(MethodConfig):
+    name: str = "ablation"
+    anchor: str = "square"  # the anchor concept (another concept or a superclass)
+    anchor_prompts: list[str] = field(default_factory=list)  # empty: the toy world's prompts naming the anchor
+    variant: str = "model"  # model | noise
+    anchor_model: str = "frozen"  # frozen | current
+    parameters: str = "xattn-kv"
+    prior_weight: float = 0.0
+    num_anchor_images: int = 64
+    anchor_steps: int = 25
+    anchor_guidance: float = 6.0
+    lr: float = 1e-5
+    batch_size: int = 4
+
+
+ABLATION_CHOICES = {"variant": ("model", "noise"), "anchor_model": ("frozen", "current")}
+
+
+def target_prompt(anchor_prompt: str, anchor: str, concept: str) -> str:
+    """The anchor prompt rewritten to name the erased concept instead of the anchor."""
+    anchor_word, concept_word = WORDS.get(anchor, anchor), WORDS.get(concept, concept)
+    rewritten = re.sub(rf"\b{re.escape(anchor_word)}\b", concept_word, anchor_prompt)
+    return re.sub(r"\ban (?=[^aeiou])", "a ", re.sub(r"\ba (?=[aeiou])", "an ", rewritten))
+
+
+class Anchors:
+    """Anchor latents with their prompts, generated once by the base model and cached on disk."""
+
+    def __init__(self, latents: torch.Tensor, prompts: list[str]):
+        self.latents, self.prompts = latents, prompts
+
+    @classmethod
+    def load_or_generate(cls, module: EraserModule, config: AblationConfig, cache: Path) -> "Anchors":
+        prompts = list(config.anchor_prompts) or prompts_naming(config.anchor)
+        prompts = [prompts[i % len(prompts)] for i in range(config.num_anchor_images)]
+        if cache.exists():
+            stored = load_file(cache)
+            return cls(stored["latents"].to(module.device), prompts)
+        images = module.generate(prompts, list(range(len(prompts))),
+                                 Sampler(config.anchor_steps, config.anchor_guidance), original=True)
+        with torch.no_grad():
+            pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(module.device, module.vae.dtype)
+            latents = module.vae.encode(pixels).latent_dist.mean * module.vae.config.scaling_factor
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": latents.cpu().contiguous()}, cache)
+        return cls(latents, prompts)
+
+
+def ablation_loss(module: EraserModule, config: AblationConfig, anchors: Anchors) -> torch.Tensor:
+    """One Concept Ablation step's loss for ``module`` (an Ablation or a LoRA eraser)."""
+    generator = module.step_generator()
+    picks = torch.randint(len(anchors.prompts), (config.batch_size,), generator=generator).tolist()
+    concepts = torch.randint(len(module.concepts), (config.batch_size,), generator=generator).tolist()
+    anchor_prompts = [anchors.prompts[i] for i in picks]
+    target_prompts = [target_prompt(p, config.anchor, module.concepts[c]) for p, c in zip(anchor_prompts, concepts)]
+    x_t, noise, t = module.add_noise(anchors.latents[picks], generator)
+    anchor_embeds, target_embeds = module.encode(anchor_prompts), module.encode(target_prompts)
+    if config.variant == "noise":
+        target = noise
+    elif config.anchor_model == "frozen":
+        target = module.predict_frozen(x_t, t, anchor_embeds)
+    else:
+        with torch.no_grad():
+            target = module.predict(x_t, t, anchor_embeds)
+    loss = module.loss(module.predict(x_t, t, target_embeds), target)
+    if config.prior_weight:
+        loss = loss + config.prior_weight * module.loss(module.predict(x_t, t, anchor_embeds), noise)
+    return loss
+
+
+class Ablation(EraserModule):
+    name = "ablation"
+    Config = AblationConfig
+    choices = {"loss": tuple(LOSSES), "parameters": tuple(PARAMETER_GROUPS), **ABLATION_CHOICES}
+
+    def trainable_patterns(self) -> tuple[str, str | None]:
+        return PARAMETER_GROUPS[self.config.parameters]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.anchors = Anchors.load_or_generate(self, self.config, Path(self.trainer.default_root_dir) / ANCHORS_FILE)
+
+    def training_step(self, step: int, batch_idx: int) -> torch.Tensor:
+        loss = ablation_loss(self, self.config, self.anchors)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss

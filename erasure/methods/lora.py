@@ -1,0 +1,80 @@
+"""LoRA erasers: a PEFT LoRA adapter on chosen UNet modules, trained with an erasure objective,
+saved as a diffusers LoRA folder that ordinary pipelines load.
+
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(run_dir / "erased", adapter_name="circle")
+
+The adapter adds B A x (scaled by alpha / rank) to each targeted projection W x, with B
+initialised to zero, so the untrained adapter *is* the original model: the frozen reference
+predictions of the base class (the original values of the trained tensors, i.e. B = 0) need no
+second UNet. The objective is ESD's (``objective=esd``, default; see ``erasure.methods.esd``)
+or Concept Ablation's (``objective=ablation``; see ``erasure.methods.ablation``), with either
+method's options. Several erasers combine in one pipeline with ``set_adapters``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from erasure.losses import LOSSES
+from erasure.methods.ablation import ABLATION_CHOICES, ANCHORS_FILE, AblationConfig, Anchors, ablation_loss
+from erasure.methods.base import EraserModule
+from erasure.methods.esd import ESDConfig, esd_loss
+
+ADAPTER = "eraser"
+TARGETS = {
+    "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
+    "xattn-kv": r".*attn2\.(to_k|to_v)",
+    "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+}
+
+
+@dataclass
+class LoRAConfig(AblationConfig, ESDConfig):
+    name: str = "lora"
+    objective: str = "esd"  # esd | ablation
+    target_modules: str = "xattn"  # xattn | xattn-kv | attn
+    rank: int = 4
+    alpha: float = 4.0
+    lr: float = 1e-3
+    batch_size: int = 4
+
+
+class LoRA(EraserModule):
+    name = "lora"
+    Config = LoRAConfig
+    choices = {"loss": tuple(LOSSES), "objective": ("esd", "ablation"), "target_modules": tuple(TARGETS),
+               "sample_from": ("trained", "frozen"), **ABLATION_CHOICES}
+
+    def select_trainable(self) -> dict[str, torch.nn.Parameter]:
+        adapter = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha,
+                             target_modules=TARGETS[self.config.target_modules], init_lora_weights=True)
+        self.unet.add_adapter(adapter, adapter_name=ADAPTER)
+        return {name: p for name, p in self.unet.named_parameters() if "lora_" in name}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.config.objective == "ablation":
+            self.anchors = Anchors.load_or_generate(self, self.config, Path(self.trainer.default_root_dir) / ANCHORS_FILE)
+
+    def training_step(self, step: int, batch_idx: int) -> torch.Tensor:
+        if self.config.objective == "esd":
+            loss = esd_loss(self, self.config)
+        else:
+            loss = ablation_loss(self, self.config, self.anchors)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def save_erased(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write a diffusers LoRA folder (``pytorch_lora_weights.safetensors``)."""
+        folder = Path(folder)
+        layers = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        return folder / "pytorch_lora_weights.safetensors"

@@ -1,0 +1,126 @@
+"""Unified Concept Editing (UCE; Gandikota et al., WACV 2024) and TIME (Orgad et al., ICCV 2023).
+
+A closed-form edit of every cross-attention projection W (``attn2.to_k``, ``attn2.to_v``).
+With erase keys c_i (text embeddings of the erased concepts), guide values v_i = W_old g_i
+(g_i the embeddings of the guide concepts, default the empty prompt), preserve keys c_j,
+regulariser lambda and scales s_e, s_p, UCE minimises
+
+    lambda ||W - W_old||^2 + s_e sum_i ||W c_i - v_i||^2 + s_p sum_j ||W c_j - W_old c_j||^2,
+
+whose solution is
+
+    W = (lambda W_old + s_e sum_i v_i c_i^T + s_p sum_j W_old c_j c_j^T)
+        (lambda I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1.
+
+Because v_i = W_old g_i, the solution is W = W_old T with one d x d matrix
+T = (lambda I + s_e sum_i g_i c_i^T + s_p sum_j c_j c_j^T)(lambda I + s_e sum_i c_i c_i^T + ...)^-1
+shared by all projections, solved once in float64.
+
+Which tokens give the keys (``token_mode``) differs between UCE's code versions: ``last`` the
+last word token (current code), ``last+eot`` the last word token and every position after it
+(the end and padding tokens; paper code), ``all`` every position.
+
+TIME is the same solve with token-aligned keys: source prompts as erase keys, destination
+prompts as guides, lambda = 0.1, token_mode ``all`` (``recipes/time.yaml``).
+
+This is a LightningModule with manual optimization: its single training step is the edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from erasure.methods.base import EraserModule, MethodConfig
+
+TOKEN_MODES = ("last", "last+eot", "all")
+EDITS = {"kv": r"attn2\.to_[kv]$", "v": r"attn2\.to_v$"}
+
+
+@dataclass
+class UCEConfig(MethodConfig):
+    name: str = "uce"
+    edit: str = "kv"  # kv: to_k and to_v; v: values only
+    guide: list[str] = field(default_factory=lambda: [""])  # one guide, or one per erased concept
+    preserve: list[str] = field(default_factory=list)  # erased concepts are dropped from this list
+    lam: float = 0.5
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    token_mode: str = "last"
+    prompt_template: str = "{concept}"
+
+
+def uce_transform(erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor, lam: float,
+                  erase_scale: float, preserve_scale: float) -> torch.Tensor:
+    """T with W_new = W_old T, for keys as rows: erase (n_e, d), guide (n_e, d), preserve (n_p, d); float64."""
+    erase, guide, preserve = erase.double(), guide.double(), preserve.double()
+    identity = torch.eye(erase.shape[1], dtype=torch.float64, device=erase.device)
+    keys = lam * identity + erase_scale * erase.T @ erase + preserve_scale * preserve.T @ preserve
+    mixed = lam * identity + erase_scale * guide.T @ erase + preserve_scale * preserve.T @ preserve
+    # W_new = W_old mixed keys^-1; keys is symmetric, so T = mixed keys^-1 = solve(keys, mixed^T)^T
+    return torch.linalg.solve(keys, mixed.T).T
+
+
+def edit_weight(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    return (weight.double() @ transform).to(weight.dtype)
+
+
+class UCE(EraserModule):
+    name = "uce"
+    Config = UCEConfig
+    choices = {**EraserModule.choices, "token_mode": TOKEN_MODES, "edit": tuple(EDITS)}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    @classmethod
+    def check(cls, config: UCEConfig, concepts: Sequence[str]) -> None:
+        if len(config.guide) not in (1, len(concepts)):
+            raise ValueError(f"method.guide has {len(config.guide)} entries for {len(concepts)} concepts; "
+                             "give one guide for all or one per erased concept")
+
+    def trainable_patterns(self) -> tuple[str, str | None]:
+        return EDITS[self.config.edit], None
+
+    def configure_optimizers(self):
+        return None
+
+    @torch.no_grad()
+    def keys(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Per prompt, the text embeddings (n_tokens, d) at the positions ``token_mode`` selects."""
+        embeds = self.encode(prompts)
+        lengths = [len(self.pipeline.tokenizer(p, truncation=True).input_ids) for p in prompts]
+        selected = []
+        for embed, length in zip(embeds, lengths):
+            last_word = max(length - 2, 0)  # [BOS, words..., EOS]: the last word is at length - 2
+            start = {"last": last_word, "last+eot": last_word, "all": 0}[self.config.token_mode]
+            stop = last_word + 1 if self.config.token_mode == "last" else embed.shape[0]
+            selected.append(embed[start:stop])
+        return selected
+
+    def edit_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(erase keys, aligned guide keys, preserve keys) as stacked rows."""
+        config = self.config
+        prompts = [config.prompt_template.format(concept=c) for c in self.concepts]
+        guides = config.guide if len(config.guide) == len(prompts) else config.guide * len(prompts)
+        erase, guide = [], []
+        for concept_keys, guide_keys in zip(self.keys(prompts), self.keys(guides)):
+            count = min(len(concept_keys), len(guide_keys))  # align from the first selected token
+            erase.append(concept_keys[:count])
+            guide.append(guide_keys[:count])
+        kept = [config.prompt_template.format(concept=c) for c in config.preserve if c not in self.concepts]
+        width = self.text_encoder.config.hidden_size
+        preserve = torch.cat(self.keys(kept)) if kept else torch.zeros(0, width, device=self.device)
+        return torch.cat(erase), torch.cat(guide), preserve
+
+    @torch.no_grad()
+    def training_step(self, step: int, batch_idx: int) -> None:
+        erase, guide, preserve = self.edit_keys()
+        transform = uce_transform(erase, guide, preserve, self.config.lam, self.config.erase_scale,
+                                  self.config.preserve_scale)
+        for name, weight in self.trained.items():
+            weight.copy_(edit_weight(self.original[name], transform))
+        self.log("train/edited_matrices", float(len(self.trained)))

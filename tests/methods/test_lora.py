@@ -1,0 +1,49 @@
+import torch
+
+from erasure.bundle import TOYWORLD_MODEL, load_pipeline
+from erasure.generation import Sampler, generate
+from erasure.methods.lora import LoRA, LoRAConfig
+
+PROMPTS, SEEDS, FAST = ["a circle", "a star", "a red square"], [0, 1, 2], Sampler(steps=8)
+
+
+def trained_eraser(concept: str, seed: int) -> LoRA:
+    module = LoRA(load_pipeline(TOYWORLD_MODEL), LoRAConfig(prompt_template="a {concept}"), [concept], seed=seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # stand-in for training: move the zero-initialised B matrices
+        for name, parameter in module.trained.items():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    return module
+
+
+def test_untrained_adapter_is_the_original_model_and_only_lora_tensors_train():
+    module = LoRA(load_pipeline(TOYWORLD_MODEL), LoRAConfig(), ["circle"])
+    assert module.trained and all("lora_" in n and ".attn2." in n for n in module.trained)
+    assert torch.equal(module.generate(PROMPTS, SEEDS, FAST), generate(load_pipeline(TOYWORLD_MODEL), PROMPTS, SEEDS, FAST))
+
+
+def test_saved_lora_loads_into_a_plain_pipeline_and_reproduces_the_eraser(tmp_path):
+    module = trained_eraser("circle", 0)
+    erased_images = module.generate(PROMPTS, SEEDS, FAST)
+    path = module.save_erased(tmp_path / "erased")
+    assert path.name == "pytorch_lora_weights.safetensors" and path.exists()
+    pipeline = load_pipeline(TOYWORLD_MODEL)
+    base_images = generate(pipeline, PROMPTS, SEEDS, FAST)
+    pipeline.load_lora_weights(tmp_path / "erased", adapter_name="circle")
+    assert torch.equal(generate(pipeline, PROMPTS, SEEDS, FAST), erased_images)
+    assert not torch.equal(base_images, erased_images)
+
+
+def test_two_erasers_combine_with_set_adapters(tmp_path):
+    for concept, seed in (("circle", 0), ("star", 1)):
+        trained_eraser(concept, seed).save_erased(tmp_path / concept)
+    pipeline = load_pipeline(TOYWORLD_MODEL)
+    pipeline.load_lora_weights(tmp_path / "circle", adapter_name="circle")
+    pipeline.load_lora_weights(tmp_path / "star", adapter_name="star")
+    images = {}
+    for active in (["circle"], ["star"], ["circle", "star"]):
+        pipeline.set_adapters(active, adapter_weights=[1.0] * len(active))
+        images["+".join(active)] = generate(pipeline, PROMPTS, SEEDS, FAST)
+    assert not torch.equal(images["circle+star"], images["circle"])
+    assert not torch.equal(images["circle+star"], images["star"])

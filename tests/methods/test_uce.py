@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from erasure.bundle import TOYWORLD_MODEL, load_pipeline
+from erasure.methods.uce import UCE, UCEConfig, edit_weight, uce_transform
+
+
+def stacked_least_squares(w_old, erase, guide, preserve, lam, s_e, s_p):
+    """argmin_W lam||W - W_old||^2 + s_e sum ||W c_i - W_old g_i||^2 + s_p sum ||W c_j - W_old c_j||^2 by lstsq."""
+    d = w_old.shape[1]
+    a = np.vstack([np.sqrt(lam) * np.eye(d), np.sqrt(s_e) * erase, np.sqrt(s_p) * preserve])
+    b = np.vstack([np.sqrt(lam) * w_old.T, np.sqrt(s_e) * guide @ w_old.T, np.sqrt(s_p) * preserve @ w_old.T])
+    solution, *_ = np.linalg.lstsq(a, b, rcond=None)
+    return solution.T
+
+
+@pytest.mark.parametrize("lam, s_e, s_p", [(0.5, 1.0, 1.0), (0.1, 3.0, 0.2), (2.0, 1.0, 0.0)])
+def test_closed_form_equals_least_squares(lam, s_e, s_p):
+    rng = np.random.default_rng(0)
+    w_old = rng.normal(size=(12, 8))
+    erase, guide, preserve = rng.normal(size=(3, 8)), rng.normal(size=(3, 8)), rng.normal(size=(5, 8))
+    transform = uce_transform(*(torch.from_numpy(x) for x in (erase, guide, preserve)), lam, s_e, s_p)
+    closed = (torch.from_numpy(w_old) @ transform).numpy()
+    expected = stacked_least_squares(w_old, erase, guide, preserve, lam, s_e, s_p)
+    assert np.linalg.norm(closed - expected) / np.linalg.norm(expected) < 1e-6
+
+
+def test_without_erase_concepts_the_weights_do_not_change():
+    rng = np.random.default_rng(1)
+    w_old = torch.from_numpy(rng.normal(size=(6, 4))).float()
+    empty = torch.zeros(0, 4)
+    transform = uce_transform(empty, empty, torch.randn(3, 4), 0.5, 1.0, 1.0)
+    assert torch.allclose(transform, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(edit_weight(w_old, transform), w_old, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def edited():
+    module = UCE(load_pipeline(TOYWORLD_MODEL), UCEConfig(prompt_template="a {concept}", preserve=["square", "star"]),
+                 ["circle"])
+    module.log = lambda *args, **kwargs: None
+    module.training_step(0, 0)
+    return module
+
+
+def test_edit_maps_the_concept_key_onto_the_guide_and_keeps_preserved_keys(edited):
+    erase, guide, preserve = edited.edit_keys()
+    for name, weight in edited.trained.items():
+        old = edited.original[name]
+        before = (old @ erase.T - old @ guide.T).norm()
+        after = (weight @ erase.T - old @ guide.T).norm()
+        assert after < 0.5 * before, name
+        assert (weight @ preserve.T - old @ preserve.T).norm() < 0.1 * (old @ preserve.T).norm(), name
+
+
+def test_only_cross_attention_keys_and_values_are_edited(edited):
+    assert edited.trained and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in edited.trained)
+    assert set(edited.changed_tensors()) == set(edited.trained)
+
+
+def test_token_modes_select_the_last_word_or_more():
+    pipeline = load_pipeline(TOYWORLD_MODEL)
+    counts = {}
+    for mode in ("last", "last+eot", "all"):
+        module = UCE(pipeline, UCEConfig(token_mode=mode), ["circle"])
+        counts[mode] = len(module.keys(["a circle"])[0])
+    tokens = pipeline.tokenizer.model_max_length
+    assert counts == {"last": 1, "last+eot": tokens - 2, "all": tokens}
+    module = UCE(pipeline, UCEConfig(token_mode="last"), ["circle"])
+    key = module.keys(["a circle"])[0][0]
+    assert torch.equal(key, module.encode(["a circle"])[0, 2])  # [BOS, a, circle, EOS, ...]
