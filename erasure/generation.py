@@ -1,8 +1,9 @@
 """Batched, seeded generation through the ordinary diffusers pipeline call.
 
-Every image has its own ``torch.Generator`` seeded with its own seed, so an image depends
-only on (model, prompt, seed, sampler) and never on batch size or on the other prompts
-in its batch: same seed, same image.
+Every image has its own ``torch.Generator`` seeded with its own seed, so an image depends on
+(model, prompt, seed, sampler) and not on the other prompts in its batch. The same call gives
+bit-identical images; a different batch size can move a pixel by one level in 8 bits (batched
+float kernels round differently), which no metric here can see.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def run(config: DictConfig) -> Path:
     if evaluation is not None:
         callbacks.append(evaluation)
     trainer = L.Trainer(
-        max_steps=config.trainer.max_steps, max_epochs=1, accelerator=config.trainer.accelerator,
+        max_steps=config.trainer.max_steps, max_epochs=-1, accelerator=config.trainer.accelerator,
         devices=config.trainer.devices, strategy=config.trainer.strategy, precision=config.trainer.precision,
         logger=CSVLogger(output, name="logs", version=""), callbacks=callbacks, default_root_dir=output,
         log_every_n_steps=config.trainer.log_every_n_steps, enable_model_summary=False, num_sanity_val_steps=0,

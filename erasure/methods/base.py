@@ -102,7 +102,7 @@ class EraserModule(L.LightningModule):
         """Raise ValueError (one line) for option combinations a schema cannot express."""
 
     def train_dataloader(self) -> DataLoader:
-        """Objectives draw their own inputs; the loader only counts steps (one epoch = max_steps)."""
+        """Objectives draw their own inputs; the loader only counts steps."""
         return DataLoader(range(self.trainer.max_steps if self.trainer.max_steps > 0 else 1), batch_size=None)
 
     def step_generator(self) -> torch.Generator:
@@ -179,17 +179,15 @@ class EraserModule(L.LightningModule):
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], sampler: generation.Sampler,
                  original: bool = False, batch_size: int = 64) -> torch.Tensor:
         """Images (N, H, W, 3) uint8 of the original model or of the erased model."""
+        prompts, negatives = (list(prompts), None) if original else self.prompts_for_generation(prompts)
+        weights = self.original_weights() if original else contextlib.nullcontext()
         was_training = self.training
         self.eval()
         try:
-            if original:
-                with self.original_weights():
-                    return generation.generate(self.pipeline, prompts, seeds, sampler, batch_size=batch_size,
-                                               progress=True, resolution=self.latent_size * self.pipeline.vae_scale_factor)
-            prompts, negatives = self.prompts_for_generation(prompts)
-            return generation.generate(self.pipeline, prompts, seeds, sampler, negative_prompts=negatives,
-                                       batch_size=batch_size, progress=True,
-                                       resolution=self.latent_size * self.pipeline.vae_scale_factor)
+            with weights:
+                return generation.generate(self.pipeline, prompts, seeds, sampler, negative_prompts=negatives,
+                                           batch_size=batch_size, progress=True,
+                                           resolution=self.latent_size * self.pipeline.vae_scale_factor)
         finally:
             self.train(was_training)
 

@@ -61,7 +61,7 @@ class Instruction(EraserModule):
         return None
 
     def training_step(self, step: int, batch_idx: int) -> None:
-        return None
+        self.trainer.should_stop = True  # nothing to train
 
     def names_concept(self, prompt: str) -> str | None:
         for concept in self.concepts:

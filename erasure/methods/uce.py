@@ -124,3 +124,4 @@ class UCE(EraserModule):
         for name, weight in self.trained.items():
             weight.copy_(edit_weight(self.original[name], transform))
         self.log("train/edited_matrices", float(len(self.trained)))
+        self.trainer.should_stop = True  # the edit is done in one step

@@ -36,5 +36,5 @@ def test_no_weights_change_and_untouched_prompts_give_the_base_images():
 def test_unknown_template_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown template 'forgetful'"):
         load_config(["recipe=instruction", "method.template=forgetful"])
-    config = load_config(["recipe=instruction", "method.template=polite", "method.templates.polite={prompt}, kindly omit {concept}"])
-    assert config.method.templates["polite"] == "{prompt}, kindly omit {concept}"
+    config = load_config(["recipe=instruction", "method.template=polite", "method.templates.polite=Draw {prompt} but omit {concept}"])
+    assert config.method.templates["polite"] == "Draw {prompt} but omit {concept}"

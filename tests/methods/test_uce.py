@@ -40,6 +40,7 @@ def edited():
     module = UCE(load_pipeline(TOYWORLD_MODEL), UCEConfig(prompt_template="a {concept}", preserve=["square", "star"]),
                  ["circle"])
     module.log = lambda *args, **kwargs: None
+    module.trainer = type("Trainer", (), {"should_stop": False})()
     module.training_step(0, 0)
     return module
 
