@@ -57,7 +57,13 @@ class EvaluationCallback(L.Callback):
         metrics = {}
         for suite, name in SUITE_METRICS.items():
             if suite in images:
-                metrics[name] = round(suite_accuracy(self.evaluator, images[suite], self._rows(suite)[2]), 4)
+                concepts = self._rows(suite)[2]
+                metrics[name] = round(suite_accuracy(self.evaluator, images[suite], concepts), 4)
+                if suite == "target" and len(set(concepts)) > 1:  # per erased concept
+                    for concept in dict.fromkeys(concepts):
+                        rows = [i for i, c in enumerate(concepts) if c == concept]
+                        metrics[f"{name}/{concept}"] = round(
+                            suite_accuracy(self.evaluator, images[suite][rows], [concept] * len(rows)), 4)
         if "retained" in images:
             metrics[KID] = round(kid(self.evaluator, self.original_images["retained"], images["retained"],
                                      self.kid_subset_size), 5)

@@ -9,7 +9,7 @@ objective (default) maps the target prompt onto the anchor's prediction,
 
 the noise-based one onto the noise, L(Phi_hat(x_t, c*, t), eps), and an optional prior
 preservation term adds ``prior_weight`` * L(Phi_hat(x_t, c, t), eps) on the anchor pairs
-(L = ``method.loss``; t ~ U{0..T-1}).
+(L = ``method.loss``; t ~ U{0..T-1}; for v-prediction models eps is replaced by the velocity v).
 
 Phi is the frozen original model by default (``anchor_model=frozen``, as in the f-divergence
 paper, Novello et al. 2026); the reference code uses the current model under no_grad
@@ -94,10 +94,12 @@ def ablation_loss(module: EraserModule, config: AblationConfig, anchors: Anchors
     concepts = torch.randint(len(module.concepts), (config.batch_size,), generator=generator).tolist()
     anchor_prompts = [anchors.prompts[i] for i in picks]
     target_prompts = [target_prompt(p, config.anchor, module.concepts[c]) for p, c in zip(anchor_prompts, concepts)]
-    x_t, noise, t = module.add_noise(anchors.latents[picks], generator)
+    latents = anchors.latents[picks]
+    x_t, noise, t = module.add_noise(latents, generator)
+    noise_target = module.noise_target(latents, noise, t)
     anchor_embeds, target_embeds = module.encode(anchor_prompts), module.encode(target_prompts)
     if config.variant == "noise":
-        target = noise
+        target = noise_target
     elif config.anchor_model == "frozen":
         target = module.predict_frozen(x_t, t, anchor_embeds)
     else:
@@ -105,7 +107,7 @@ def ablation_loss(module: EraserModule, config: AblationConfig, anchors: Anchors
             target = module.predict(x_t, t, anchor_embeds)
     loss = module.loss(module.predict(x_t, t, target_embeds), target)
     if config.prior_weight:
-        loss = loss + config.prior_weight * module.loss(module.predict(x_t, t, anchor_embeds), noise)
+        loss = loss + config.prior_weight * module.loss(module.predict(x_t, t, anchor_embeds), noise_target)
     return loss
 
 

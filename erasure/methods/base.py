@@ -155,6 +155,12 @@ class EraserModule(L.LightningModule):
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         return self.noise_schedule.add_noise(latents, noise, t).to(latents), noise, t.to(self.device)
 
+    def noise_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model predicts for x_t = add_noise(latents, noise, t): eps, or v for v-prediction models."""
+        if self.noise_schedule.config.prediction_type == "v_prediction":
+            return self.noise_schedule.get_velocity(latents, noise, t.cpu()).to(latents)
+        return noise
+
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(prediction, target, self.config.sigma)
 

@@ -22,7 +22,8 @@ c_from, the trained prediction is eps_theta(x_t, c_from, t), and
 
 which equals the target above when c_from = c (as in the reference code's erase_from).
 
-Several concepts are erased together by drawing one per step.
+Several concepts are erased together by drawing one per step. The target's coefficients sum
+to one, so the same formula holds in v-space for v-prediction models (SD 2.x).
 
 Parameter sets (``train_method``): ``esd-x`` all cross-attention (attn2) projections,
 ``esd-x-strict`` only attn2.to_k/to_v, ``esd-u`` every Linear/Conv2d outside attn2,
