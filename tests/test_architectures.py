@@ -51,14 +51,6 @@ def test_ablation_step(pipeline, tmp_path):
     restore(module)
 
 
-def test_lora_step(pipeline):
-    module = LoRA(pipeline, LoRAConfig(ddim_steps=2, batch_size=1), ["circle"])
-    loss = esd_loss(module, module.config)
-    loss.backward()
-    assert torch.isfinite(loss) and all(".attn2." in n for n in module.trained)
-    pipeline.unet.delete_adapters("eraser")
-
-
 def test_uce_edit(pipeline):
     module = UCE(pipeline, UCEConfig(preserve=["square"]), ["circle"])
     module.log = lambda *args, **kwargs: None
@@ -76,3 +68,11 @@ def test_sampling(pipeline):
 def test_prediction_types():
     assert architecture_config("sd15")["scheduler"]["prediction_type"] == "epsilon"
     assert architecture_config("sd21")["scheduler"]["prediction_type"] == "v_prediction"
+
+
+def test_lora_step(pipeline):
+    module = LoRA(pipeline, LoRAConfig(ddim_steps=2, batch_size=1), ["circle"])
+    loss = esd_loss(module, module.config)
+    loss.backward()
+    assert torch.isfinite(loss) and all(".attn2." in n for n in module.trained)
+    pipeline.unet.delete_adapters("eraser")  # last test of the module: PEFT leaves its layer wrappers

@@ -50,7 +50,7 @@ class Budget:
     vae_steps: int = 1500
     dataset_size: int = 40_000
     classifier_steps: int = 1500
-    unet_steps: int = 9000
+    unet_steps: int = 8000
     vae_batch: int = 32
     classifier_batch: int = 128
     unet_batch: int = 64
