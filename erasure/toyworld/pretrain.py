@@ -41,7 +41,7 @@ from erasure.io import atomic_directory
 from erasure.toyworld import architecture as arch
 from erasure.toyworld.captions import caption
 from erasure.toyworld.classifier import save_classifier
-from erasure.toyworld.tokenizer import build_tokenizer
+from erasure.toyworld.tokenizer import shipped_or_new_tokenizer
 from erasure.toyworld.world import ATTRIBUTES, Scene, render_array, sample_scene
 
 
@@ -319,7 +319,7 @@ def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0) -> None:
         "vae_reconstructions": classifier_accuracy(classifier, data["reconstructions"][n_train:], held_out),
     }
     print(f"[classifier] held-out accuracy: {json.dumps(classifier_quality)}")
-    tokenizer = build_tokenizer()
+    tokenizer = shipped_or_new_tokenizer()
     unet, text_encoder = stage_unet(budget, work, seed, data, tokenizer, scaling_factor)
 
     pipeline = StableDiffusionPipeline(

@@ -2,6 +2,10 @@
 the toy world's words, so that each of them (instruction words included) is one token.
 
 Any other text still encodes, byte by byte, exactly as with the real CLIP tokenizer.
+
+BPE training breaks ties between equally frequent pairs in hash order, so two builds can number
+tokens differently (every word is one token in both). Pretraining therefore reuses the shipped
+vocabulary when there is one (:func:`shipped_or_new_tokenizer`), so retraining keeps its ids.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 from tokenizers import pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
+from erasure.bundle import TOYWORLD_MODEL
 from erasure.toyworld.architecture import MAX_TOKENS
 from erasure.toyworld.captions import vocabulary
 
@@ -33,3 +38,9 @@ def build_tokenizer() -> CLIPTokenizer:
         vocab.setdefault(char + "</w>", len(vocab))
     merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in model["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+
+
+def shipped_or_new_tokenizer() -> CLIPTokenizer:
+    """The shipped toy-world tokenizer if present, else a newly trained one."""
+    folder = TOYWORLD_MODEL / "tokenizer"
+    return CLIPTokenizer.from_pretrained(folder) if folder.is_dir() else build_tokenizer()

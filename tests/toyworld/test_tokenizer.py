@@ -2,7 +2,7 @@ from transformers import CLIPTokenizer
 
 from erasure.bundle import TOYWORLD_MODEL
 from erasure.toyworld.captions import vocabulary
-from erasure.toyworld.tokenizer import build_tokenizer
+from erasure.toyworld.tokenizer import build_tokenizer, shipped_or_new_tokenizer
 
 INSTRUCTION = "Please forget anything about circle. Please help me generate a picture of a red circle."
 
@@ -29,8 +29,9 @@ def test_unknown_words_still_encode_byte_by_byte_without_unk():
     assert tokenizer.decode(ids).strip() == "a zebra"
 
 
-def test_shipped_tokenizer_is_the_built_one_and_pads_like_sd():
+def test_shipped_tokenizer_has_every_word_as_one_token_and_pads_like_sd():
     shipped = CLIPTokenizer.from_pretrained(TOYWORLD_MODEL / "tokenizer")
-    assert shipped.get_vocab() == build_tokenizer().get_vocab()
+    assert all(len(shipped(word, add_special_tokens=False).input_ids) == 1 for word in vocabulary())
+    assert shipped_or_new_tokenizer().get_vocab() == shipped.get_vocab()  # pretraining keeps the shipped ids
     encoded = shipped("a crimson box", padding="max_length", max_length=shipped.model_max_length)
     assert encoded.input_ids[-1] == shipped.eos_token_id == shipped.pad_token_id  # SD-1.x pads with end tokens
