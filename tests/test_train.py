@@ -1,7 +1,6 @@
 """The training CLI: errors, determinism, resume, and the delta that reproduces the erased model."""
 
 import json
-import shutil
 
 import pytest
 import torch
