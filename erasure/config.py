@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from erasure.bundle import REPO_ROOT
+from evaluation.evaluators import CLIPConfig, NudeNetConfig, TorchvisionConfig
 
 RECIPES_DIR = REPO_ROOT / "recipes"
 BASE_RECIPE = "base"
@@ -47,8 +48,11 @@ class TrainerConfig:
 @dataclass
 class EvaluationConfig:
     enabled: bool = True
-    evaluator: str = "toyworld"
+    evaluator: str = "toyworld"  # toyworld | clip | nudenet | torchvision (evaluation.evaluators)
     classifier: str = "checkpoints/toyworld/classifier"
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    nudenet: NudeNetConfig = field(default_factory=NudeNetConfig)
+    torchvision: TorchvisionConfig = field(default_factory=TorchvisionConfig)
     steps: int = 25
     guidance: float = 6.0
     images_per_prompt: int = 3
@@ -85,7 +89,7 @@ def _keys_at(schema: DictConfig, full_key: str) -> list[str]:
     return sorted(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def _merge(schema: DictConfig, *layers: Any, prefix: str = "") -> DictConfig:
+def merge_into_schema(schema: DictConfig, *layers: Any, prefix: str = "") -> DictConfig:
     """Merge layers into a structured schema, turning OmegaConf errors into one-line ConfigErrors."""
     try:
         return OmegaConf.merge(schema, *layers)
@@ -120,8 +124,6 @@ def normalise_concepts(value: Any) -> list[str]:
 
 def load_config(arguments: list[str]) -> DictConfig:
     """Resolve ``recipe=<name> key=value ...`` into a validated config (nothing is written)."""
-    from erasure.methods import METHODS  # methods import torch; keep config parsing importable alone
-
     overrides = parse_overrides(arguments)
     recipe = overrides.pop("recipe", None)
     recipes = available_recipes()
@@ -131,16 +133,25 @@ def load_config(arguments: list[str]) -> DictConfig:
         raise ConfigError(f"unknown recipe '{recipe}'; available recipes: {', '.join(recipes)}")
     base = OmegaConf.load(RECIPES_DIR / f"{BASE_RECIPE}.yaml")
     recipe_layer = OmegaConf.load(RECIPES_DIR / f"{recipe}.yaml")
+    config = build_config(recipe, [base, recipe_layer, overrides])
+    if config.output_dir is None:
+        config.output_dir = f"runs/{recipe}/{datetime.now():%Y%m%d-%H%M%S}"
+    return config
 
-    method_layers = [layer.pop("method", None) or {} for layer in (base, recipe_layer, overrides)]
-    config = _merge(OmegaConf.structured(RunConfig), base, recipe_layer, overrides)
+
+def build_config(recipe: str, layers: list[DictConfig]) -> DictConfig:
+    """Merge config layers (later wins) into the typed schemas and check them."""
+    from erasure.methods import METHODS  # methods import torch; keep config parsing importable alone
+
+    method_layers = [layer.pop("method", None) or {} for layer in layers]
+    config = merge_into_schema(OmegaConf.structured(RunConfig), *layers)
     config.recipe = recipe
 
     name = OmegaConf.merge(*method_layers).get("name")
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}' in recipe {recipe}; known methods: {', '.join(METHODS)}")
     method_class = METHODS[name]
-    method = _merge(OmegaConf.structured(method_class.Config), *method_layers, prefix="method.")
+    method = merge_into_schema(OmegaConf.structured(method_class.Config), *method_layers, prefix="method.")
     for key, allowed in method_class.choices.items():
         if method[key] not in allowed:
             raise ConfigError(f"invalid value for 'method.{key}': {method[key]!r}; choose one of: {', '.join(allowed)}")
@@ -151,9 +162,20 @@ def load_config(arguments: list[str]) -> DictConfig:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     check_ranges(config)
-    if config.output_dir is None:
-        config.output_dir = f"runs/{recipe}/{datetime.now():%Y%m%d-%H%M%S}"
     return config
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The validated config of a finished run directory (its ``config.yaml``)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass a directory written by erasure.train")
+    try:
+        saved = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError) as error:
+        raise ConfigError(f"cannot read {path}: {str(error).splitlines()[0]}; re-run the erasure") from None
+    recipe = saved.pop("recipe", None) or "unknown"
+    return build_config(recipe, [saved])
 
 
 def check_ranges(config: DictConfig) -> None:

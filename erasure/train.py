@@ -11,6 +11,7 @@ checkpoints/ (continue an interrupted run with resume=true output_dir=<run dir>)
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -19,15 +20,19 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from erasure.bundle import ModelLoadError, load_pipeline
+from erasure.cli import run_command
 from erasure.config import ConfigError, available_recipes, load_config, resolve_path
 from erasure.generation import Sampler
 from erasure.io import atomic_write_text
-from erasure.methods import METHODS
+from erasure.runs import build_module
 from evaluation.callback import EvaluationCallback
-from evaluation.evaluators import ToyWorldEvaluator
+from evaluation.evaluators import (
+    EVALUATORS, CLIPEvaluator, Evaluator, EvaluatorError, NudeNetEvaluator, ToyWorldEvaluator, TorchvisionEvaluator,
+)
 from evaluation.suites import load_csv, toyworld_suites
 
 MAIN_KEYS = [
@@ -47,6 +52,43 @@ MAIN_KEYS = [
 def usage() -> str:
     keys = "\n".join(f"  {key:<20} {text}" for key, text in MAIN_KEYS)
     return f"{__doc__}\nrecipes: {', '.join(available_recipes())}\n\nmain keys:\n{keys}\n"
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early (a non-finite loss); the run directory holds the last good weights."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM: the run stopped after a step and left a checkpoint to resume from."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed: an interrupted save never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        staging = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        os.replace(staging, path)
+
+
+class CheckpointOnInterrupt(L.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM: save checkpoints/last.ckpt so that ``resume=true`` continues the run."""
+
+    def __init__(self, output: Path):
+        self.output = output
+
+    def on_exception(self, trainer: L.Trainer, module, exception: BaseException) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            trainer.save_checkpoint(self.output / "checkpoints" / "last.ckpt")
+            if trainer.is_global_zero:
+                print(f"\ninterrupted at step {trainer.global_step}; checkpoint saved: continue with resume=true "
+                      f"output_dir={self.output}", file=sys.stderr)
+
+
+def is_ddp_worker() -> bool:
+    """A process Lightning's DDP launcher started for another rank: the run directory is rank 0's."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
 
 
 def check_output_dir(config: DictConfig) -> Path:
@@ -69,17 +111,42 @@ def create_output_dir(config: DictConfig, output: Path) -> None:
         raise ConfigError(f"cannot create output_dir {output}: {error.strerror}; choose a writable output_dir") from None
 
 
+def check_concepts(tokenizer, concepts: list[str]) -> None:
+    """Each concept must encode to known tokens and fit the text encoder's context."""
+    room = tokenizer.model_max_length - 2  # begin and end tokens
+    for concept in concepts:
+        ids = tokenizer(concept, add_special_tokens=False).input_ids
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids and tokenizer.unk_token not in concept:
+            raise ConfigError(f"the model's tokenizer cannot encode concept '{concept}' (unknown tokens); "
+                              "spell it with characters the tokenizer knows")
+        if len(ids) > room:
+            raise ConfigError(f"concept '{concept[:30]}...' is {len(ids)} tokens but the text encoder reads {room}; "
+                              "use a shorter concept")
+
+
+def build_evaluator(evaluation: DictConfig) -> Evaluator:
+    """The configured evaluator; a missing or wrong model is a one-line ConfigError."""
+    name = evaluation.evaluator
+    try:
+        if name == "toyworld":
+            return ToyWorldEvaluator(resolve_path(evaluation.classifier))
+        if name in ("clip", "nudenet", "torchvision"):
+            section = OmegaConf.to_object(evaluation[name])
+            return {"clip": CLIPEvaluator, "nudenet": NudeNetEvaluator, "torchvision": TorchvisionEvaluator}[name](section)
+    except EvaluatorError as error:
+        raise ConfigError(str(error)) from None
+    raise ConfigError(f"unknown evaluator '{name}' for evaluation.evaluator; available: {', '.join(EVALUATORS)}")
+
+
 def build_evaluation(config: DictConfig, output: Path, run_info: dict) -> EvaluationCallback:
     evaluation = config.evaluation
-    if evaluation.evaluator != "toyworld":
-        raise ConfigError(f"unknown evaluator '{evaluation.evaluator}'; available: toyworld")
     suites = toyworld_suites(config.concept, seed=config.seed)
     for suite in ("target", "synonym", "retained"):
         csv_path = evaluation.get(f"{suite}_csv")
         if csv_path:
             suites[suite] = load_csv(resolve_path(csv_path))
     return EvaluationCallback(
-        suites, ToyWorldEvaluator(resolve_path(evaluation.classifier)),
+        suites, build_evaluator(evaluation),
         Sampler(steps=evaluation.steps, guidance=evaluation.guidance), output, run_info,
         images_per_prompt=evaluation.images_per_prompt, every_n_steps=evaluation.every_n_steps,
         batch_size=evaluation.batch_size, kid_subset_size=evaluation.kid_subset_size,
@@ -88,18 +155,21 @@ def build_evaluation(config: DictConfig, output: Path, run_info: dict) -> Evalua
 
 def run(config: DictConfig) -> Path:
     """Train (or edit) and evaluate; returns the run directory."""
-    output = check_output_dir(config)
+    worker = is_ddp_worker()
+    output = Path(config.output_dir) if worker else check_output_dir(config)
     L.seed_everything(config.seed, verbose=False)
-    pipeline = load_pipeline(resolve_path(config.model.path))
-    method = METHODS[config.method.name]
-    module = method(pipeline, OmegaConf.to_object(config.method), list(config.concept), seed=config.seed,
-                    resolution=config.model.resolution)
+    module = build_module(config)
+    check_concepts(module.pipeline.tokenizer, config.concept)
     run_info = {"recipe": config.recipe, "method": config.method.name, "model": str(config.model.path),
                 "erase": list(config.concept)}
     evaluation = build_evaluation(config, output, run_info) if config.evaluation.enabled else None
-    create_output_dir(config, output)
-    atomic_write_text(output / "config.yaml", OmegaConf.to_yaml(config))
+    if not worker:
+        create_output_dir(config, output)
+        atomic_write_text(output / "config.yaml", OmegaConf.to_yaml(config))
+        if config.trainer.devices != 1:  # Lightning's DDP launcher re-runs this command line for the other ranks
+            sys.argv.append(f"output_dir={output}")
     callbacks = [
+        CheckpointOnInterrupt(output),
         ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=0,
                         every_n_train_steps=config.trainer.checkpoint_every_n_steps),
         TQDMProgressBar(refresh_rate=5),
@@ -111,27 +181,27 @@ def run(config: DictConfig) -> Path:
         devices=config.trainer.devices, strategy=config.trainer.strategy, precision=config.trainer.precision,
         logger=CSVLogger(output, name="logs", version=""), callbacks=callbacks, default_root_dir=output,
         log_every_n_steps=config.trainer.log_every_n_steps, enable_model_summary=False, num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
     )
     last = output / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
-    trainer.fit(module, ckpt_path=str(last) if config.resume else None, weights_only=True)
+    try:
+        trainer.fit(module, ckpt_path=str(last) if config.resume else None, weights_only=True)
+    except SIGTERMException:
+        raise Interrupted(f"terminated at step {trainer.global_step}; continue with resume=true output_dir={output}") from None
+    if not trainer.is_global_zero:
+        return output
     module.save_erased(output / "erased", metadata={"base": config.model.path})
+    if module.nonfinite_step is not None:
+        raise TrainingStopped(f"the loss was not finite at step {module.nonfinite_step}: training stopped, and "
+                              f"{output / 'erased'} holds the weights before it; lower method.lr or check the inputs")
     print(f"erased {', '.join(config.concept)} with {config.recipe} in {time.perf_counter() - started:.1f} s -> {output}")
     return output
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = sys.argv[1:] if argv is None else argv
-    if not arguments or any(a in ("-h", "--help", "help") for a in arguments):
-        print(usage())
-        return 0 if arguments else 2
-    try:
-        config = load_config(arguments)
-        run(config)
-    except (ConfigError, ModelLoadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(usage(), lambda arguments: run(load_config(arguments)), argv,
+                       {TrainingStopped: (1, "error"), Interrupted: (143, "stopped")})
 
 
 if __name__ == "__main__":

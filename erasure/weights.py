@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from erasure.bundle import load_pipeline
-from erasure.io import atomic_directory
+from erasure.io import atomic_directory, atomic_save_tensors
 
 DELTA_FILE = "unet_delta.safetensors"
 
@@ -26,10 +26,7 @@ class DeltaError(ValueError):
 
 def save_delta(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (name -> new value) as safetensors, through a temporary file."""
-    path = Path(path)
-    staging = path.with_name(f".{path.name}.partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging, metadata=metadata)
-    staging.replace(path)
+    atomic_save_tensors(tensors, path, metadata)
 
 
 def load_delta(path: Path) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ import torch
 
 from erasure.generation import Sampler
 from erasure.io import atomic_write_text
-from evaluation.evaluators import Evaluator
-from evaluation.metrics import KID, SUITE_METRICS, kid, suite_accuracy
+from evaluation.evaluators import Evaluator, has_features
+from evaluation.metrics import CLIP_SCORE, KID, SUITE_METRICS, kid, suite_accuracy
 from evaluation.report import comparison_grid, write_report
 from evaluation.suites import Prompt, write_csv
 
@@ -46,11 +46,22 @@ class EvaluationCallback(L.Callback):
                 concepts.append(row.concept)
         return prompts, seeds, concepts
 
-    def _generate(self, module, original: bool) -> dict[str, torch.Tensor]:
+    def _generate(self, trainer: L.Trainer, module, original: bool) -> dict[str, torch.Tensor]:
+        """Every suite's images. Under DDP the batches are dealt out to the ranks and gathered, and
+        each image is made in the same batch as in one process, so the images are identical."""
+        rank, world_size = trainer.global_rank, trainer.world_size
         images = {}
         for suite in self.suites:
             prompts, seeds, _ = self._rows(suite)
-            images[suite] = module.generate(prompts, seeds, self.sampler, original=original, batch_size=self.batch_size)
+            starts = list(range(0, len(prompts), self.batch_size))
+            mine = {start: module.generate(prompts[start:start + self.batch_size], seeds[start:start + self.batch_size],
+                                           self.sampler, original=original, batch_size=self.batch_size)
+                    for start in starts[rank::world_size]}
+            if world_size > 1:
+                gathered: list[dict] = [{} for _ in range(world_size)]
+                torch.distributed.all_gather_object(gathered, mine)
+                mine = {start: batch for part in gathered for start, batch in part.items()}
+            images[suite] = torch.cat([mine[start] for start in starts])
         return images
 
     def score(self, images: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -64,14 +75,17 @@ class EvaluationCallback(L.Callback):
                         rows = [i for i, c in enumerate(concepts) if c == concept]
                         metrics[f"{name}/{concept}"] = round(
                             suite_accuracy(self.evaluator, images[suite][rows], [concept] * len(rows)), 4)
-        if "retained" in images:
+        if "retained" in images and hasattr(self.evaluator, "score"):
+            prompts = self._rows("retained")[0]
+            metrics[CLIP_SCORE] = round(float(self.evaluator.score(images["retained"], prompts).mean()), 3)
+        if "retained" in images and has_features(self.evaluator):
             metrics[KID] = round(kid(self.evaluator, self.original_images["retained"], images["retained"],
                                      self.kid_subset_size), 5)
         return metrics
 
-    def _evaluate(self, module, original: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def _evaluate(self, trainer: L.Trainer, module, original: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         start = time.perf_counter()
-        images = self._generate(module, original)
+        images = self._generate(trainer, module, original)
         if original:
             self.original_images = images
         metrics = self.score(images)
@@ -80,24 +94,25 @@ class EvaluationCallback(L.Callback):
 
     # ----- hooks ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, module) -> None:
-        _, self.before = self._evaluate(module, original=True)
+        _, self.before = self._evaluate(trainer, module, original=True)
         for logger in trainer.loggers:
             logger.log_metrics({f"before/{k}": v for k, v in self.before.items()}, step=trainer.global_step)
         self.fit_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step < trainer.max_steps:
-            _, metrics = self._evaluate(module, original=False)
+            _, metrics = self._evaluate(trainer, module, original=False)
             for logger in trainer.loggers:
                 logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
 
     def on_fit_end(self, trainer: L.Trainer, module) -> None:
         fit_seconds = time.perf_counter() - self.fit_started
-        images, after = self._evaluate(module, original=False)
+        images, after = self._evaluate(trainer, module, original=False)
         for logger in trainer.loggers:
             logger.log_metrics({f"after/{k}": v for k, v in after.items()}, step=trainer.global_step)
             logger.save()
-        self.write(images, after, fit_seconds)
+        if trainer.is_global_zero:
+            self.write(images, after, fit_seconds)
 
     # ----- outputs -------------------------------------------------------------------------
     def protocol(self) -> dict:

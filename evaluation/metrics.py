@@ -5,7 +5,8 @@ generality/synonym_acc     the same for synonym and paraphrase prompts
 specificity/retained_acc   share of retained-suite images in which it sees the concept the prompt names
 fidelity/kid               kernel inception distance (torchmetrics) between the original and the
                            evaluated model's retained-suite images (same prompts and seeds), in the
-                           evaluator's feature space
+                           evaluator's feature space (when it has one)
+alignment/clip_score       with the CLIP evaluator: mean 100 cos(image, prompt) on the retained suite
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from evaluation.evaluators import Evaluator
 SUITE_METRICS = {"target": "efficacy/target_acc", "synonym": "generality/synonym_acc",
                  "retained": "specificity/retained_acc"}
 KID = "fidelity/kid"
+CLIP_SCORE = "alignment/clip_score"
 
 
 class _Features(torch.nn.Module):

@@ -12,6 +12,7 @@ from erasure.methods.lora import LoRA, LoRAConfig
 from erasure.methods.uce import UCE, UCEConfig
 
 LATENT = 8
+pytestmark = pytest.mark.architecture
 
 
 @pytest.fixture(scope="module", params=["sd15", "sd21"])
@@ -53,9 +54,7 @@ def test_ablation_step(pipeline, tmp_path):
 
 def test_uce_edit(pipeline):
     module = UCE(pipeline, UCEConfig(preserve=["square"]), ["circle"])
-    module.log = lambda *args, **kwargs: None
-    module.trainer = type("Trainer", (), {"should_stop": False})()
-    module.training_step(0, 0)
+    module.edit()
     assert len(module.changed_tensors()) == 32  # 16 to_k + 16 to_v
     restore(module)
 

@@ -22,6 +22,8 @@ FAST = ["trainer.checkpoint_every_n_steps=2", "method.ddim_steps=6", "method.bat
     (["esd"], "argument 'esd' is not of the form key=value"),
     (["trainer.max_steps=3"], "no recipe given; pass recipe=<name>"),
     (["recipe=esd", "model.path=/nonexistent/sd"], "model folder /nonexistent/sd does not exist"),
+    (["recipe=esd", f"concept={'circle ' * 40}"], "is 40 tokens but the text encoder reads 30; use a shorter concept"),
+    (["recipe=esd", "evaluation.classifier=/nonexistent"], "no toy-world classifier at /nonexistent"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, arguments, message):
     output = tmp_path / "run"
@@ -85,3 +87,9 @@ def test_same_seed_same_metrics(small_run, tmp_path):
     assert main([a for a in arguments if not a.startswith("output_dir")] + [f"output_dir={again}"]) == 0
     first, second = (json.loads((p / "metrics.json").read_text()) for p in (output, again))
     assert first["before"] == second["before"] and first["after"] == second["after"]
+
+
+def test_unwritable_output_dir_is_one_line_exit_2(capsys):
+    assert main(["recipe=uce", "output_dir=/proc/erasure-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: cannot create output_dir /proc/erasure-run") and "choose a writable" in error

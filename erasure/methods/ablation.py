@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from erasure.generation import Sampler
+from erasure.io import atomic_save_tensors
 from erasure.losses import LOSSES
 from erasure.methods.base import EraserModule, MethodConfig
 from erasure.toyworld.captions import prompts_naming
@@ -71,7 +72,7 @@ class Anchors:
         self.latents, self.prompts = latents, prompts
 
     @classmethod
-    def load_or_generate(cls, module: EraserModule, config: AblationConfig, cache: Path) -> "Anchors":
+    def load_or_generate(cls, module: EraserModule, config: AblationConfig, cache: Path) -> Anchors:
         prompts = list(config.anchor_prompts) or prompts_naming(config.anchor)
         prompts = [prompts[i % len(prompts)] for i in range(config.num_anchor_images)]
         if cache.exists():
@@ -82,8 +83,7 @@ class Anchors:
         with torch.no_grad():
             pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(module.device, module.vae.dtype)
             latents = module.vae.encode(pixels).latent_dist.mean * module.vae.config.scaling_factor
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": latents.cpu().contiguous()}, cache)
+        atomic_save_tensors({"latents": latents}, cache)  # every DDP rank makes the same file
         return cls(latents, prompts)
 
 
@@ -123,7 +123,5 @@ class Ablation(EraserModule):
         super().on_fit_start()
         self.anchors = Anchors.load_or_generate(self, self.config, Path(self.trainer.default_root_dir) / ANCHORS_FILE)
 
-    def training_step(self, step: int, batch_idx: int) -> torch.Tensor:
-        loss = ablation_loss(self, self.config, self.anchors)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+    def objective(self) -> torch.Tensor:
+        return ablation_loss(self, self.config, self.anchors)

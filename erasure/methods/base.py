@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from erasure import generation
 from erasure.losses import LOSSES
-from erasure.weights import DELTA_FILE, save_delta
+from erasure.weights import DELTA_FILE, DeltaError, load_delta, save_delta
 
 
 @dataclass
@@ -70,6 +70,7 @@ class EraserModule(L.LightningModule):
             parameter.requires_grad_(True)
         self.original = {name: p.detach().clone() for name, p in self.trained.items()}
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.nonfinite_step: int | None = None  # the step whose loss was not finite, if any
         self.strict_loading = False  # checkpoints hold only the trained tensors
 
     # ----- what is trained ---------------------------------------------------------------
@@ -106,8 +107,26 @@ class EraserModule(L.LightningModule):
         return DataLoader(range(self.trainer.max_steps if self.trainer.max_steps > 0 else 1), batch_size=None)
 
     def step_generator(self) -> torch.Generator:
-        """Randomness of one step, a function of (seed, step) alone, so resumed runs repeat it."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        """Randomness of one step, a function of (seed, step, rank) alone, so resumed runs repeat it;
+        under DDP each rank draws its own samples (the gradients are averaged: a larger batch)."""
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * world_size + self.global_rank)
+
+    # ----- the objective -------------------------------------------------------------------
+    def objective(self) -> torch.Tensor:
+        """The method's loss for the current step (inputs drawn from :meth:`step_generator`)."""
+        raise NotImplementedError
+
+    def training_step(self, step: int, batch_idx: int) -> torch.Tensor | None:
+        """One step of the objective. A non-finite loss stops training before it can reach the
+        weights (the step is skipped), so the run ends with the last good weights."""
+        loss = self.objective()
+        if not torch.isfinite(loss):
+            self.nonfinite_step = self.global_step
+            self.trainer.should_stop = True
+            return None
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
 
     # ----- predictions ------------------------------------------------------------------
     @torch.no_grad()
@@ -207,6 +226,17 @@ class EraserModule(L.LightningModule):
         info = {"method": self.name, "concepts": ",".join(self.concepts), **{k: str(v) for k, v in (metadata or {}).items()}}
         save_delta(self.changed_tensors(), folder / DELTA_FILE, metadata=info)
         return folder / DELTA_FILE
+
+    @torch.no_grad()
+    def load_erased(self, folder: Path) -> None:
+        """The inverse of :meth:`save_erased`: put a saved result into the trained tensors."""
+        delta = load_delta(Path(folder) / DELTA_FILE)
+        unknown = sorted(set(delta) - set(self.trained))
+        if unknown:
+            raise DeltaError(f"the delta holds {unknown[0]!r}, which {self.name} with these options does not train; "
+                             "restore it with the run's own config.yaml")
+        for name, value in delta.items():
+            self.trained[name].copy_(value.to(self.trained[name]))
 
     # Checkpoints carry the trained tensors only (a full SD UNet would be gigabytes per checkpoint).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -74,10 +74,8 @@ class ESD(EraserModule):
     def trainable_patterns(self) -> tuple[str, str | None]:
         return TRAIN_METHODS[self.config.train_method]
 
-    def training_step(self, step: int, batch_idx: int) -> torch.Tensor:
-        loss = esd_loss(self, self.config)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+    def objective(self) -> torch.Tensor:
+        return esd_loss(self, self.config)
 
 
 def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:

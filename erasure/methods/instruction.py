@@ -29,6 +29,11 @@ from erasure.methods.base import EraserModule, MethodConfig
 NEGATIVE_PROMPT = "negative_prompt"
 
 
+def rewrite(template: str, prompt: str, concept: str) -> str:
+    """The prompt as a template rewrites it: ``template.format(concept=concept, prompt=prompt)``."""
+    return template.format(concept=concept, prompt=prompt)
+
+
 @dataclass
 class InstructionConfig(MethodConfig):
     name: str = "instruction"
@@ -76,7 +81,7 @@ class Instruction(EraserModule):
         concept_text = [", ".join(self.concepts) if c else None for c in targets]
         if config.template == NEGATIVE_PROMPT:
             return list(prompts), [template.format(concept=c) if c else "" for c in concept_text]
-        return [template.format(concept=c, prompt=p) if c else p for p, c in zip(prompts, concept_text)], None
+        return [rewrite(template, p, c) if c else p for p, c in zip(prompts, concept_text)], None
 
     def save_erased(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
         """No weights change: the result is the rewriting rule, ``instruction.json``."""
@@ -85,3 +90,6 @@ class Instruction(EraserModule):
         path = folder / "instruction.json"
         path.write_text(json.dumps({"concepts": self.concepts, **asdict(self.config)}, indent=2) + "\n")
         return path
+
+    def load_erased(self, folder: Path) -> None:
+        """Nothing to load: the rewriting rule is the run's config."""

@@ -21,14 +21,16 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from erasure.losses import LOSSES
 from erasure.methods.ablation import ABLATION_CHOICES, ANCHORS_FILE, AblationConfig, Anchors, ablation_loss
 from erasure.methods.base import EraserModule
 from erasure.methods.esd import ESDConfig, esd_loss
+from erasure.weights import DeltaError
 
 ADAPTER = "eraser"
+LORA_FILE = "pytorch_lora_weights.safetensors"
 TARGETS = {
     "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
     "xattn-kv": r".*attn2\.(to_k|to_v)",
@@ -64,17 +66,25 @@ class LoRA(EraserModule):
         if self.config.objective == "ablation":
             self.anchors = Anchors.load_or_generate(self, self.config, Path(self.trainer.default_root_dir) / ANCHORS_FILE)
 
-    def training_step(self, step: int, batch_idx: int) -> torch.Tensor:
+    def objective(self) -> torch.Tensor:
         if self.config.objective == "esd":
-            loss = esd_loss(self, self.config)
-        else:
-            loss = ablation_loss(self, self.config, self.anchors)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+            return esd_loss(self, self.config)
+        return ablation_loss(self, self.config, self.anchors)
 
     def save_erased(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write a diffusers LoRA folder (``pytorch_lora_weights.safetensors``)."""
         folder = Path(folder)
         layers = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-        return folder / "pytorch_lora_weights.safetensors"
+        return folder / LORA_FILE
+
+    @torch.no_grad()
+    def load_erased(self, folder: Path) -> None:
+        if not (Path(folder) / LORA_FILE).exists():
+            raise DeltaError(f"{folder} has no {LORA_FILE}; pass the erased/ folder of a LoRA run")
+        state, _ = StableDiffusionPipeline.lora_state_dict(folder)
+        unet_state = {name.removeprefix("unet."): value for name, value in state.items() if name.startswith("unet.")}
+        result = set_peft_model_state_dict(self.unet, unet_state, adapter_name=ADAPTER)
+        if result.unexpected_keys:
+            raise DeltaError(f"the LoRA in {folder} does not fit this UNet ({result.unexpected_keys[0]}); "
+                             "was it trained with other target_modules or for another model?")

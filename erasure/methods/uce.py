@@ -28,6 +28,7 @@ This is a LightningModule with manual optimization: its single training step is 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,7 +65,10 @@ def uce_transform(erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tens
 
 
 def edit_weight(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    return (weight.double() @ transform).to(weight.dtype)
+    """W_old T, computed as W_old + W_old (T - I): the float64 solution's update is applied in the
+    weight's precision, so rounding is relative to the (small) update, not to W."""
+    update = transform - torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
+    return weight + weight @ update.to(weight.dtype)
 
 
 class UCE(EraserModule):
@@ -90,16 +94,23 @@ class UCE(EraserModule):
 
     @torch.no_grad()
     def keys(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """Per prompt, the text embeddings (n_tokens, d) at the positions ``token_mode`` selects."""
+        """Per prompt, the text embeddings (n_tokens, d) at the positions ``token_mode`` selects.
+
+        The text encoder is causal, so the embedding at position i depends on tokens 0..i only:
+        for ``last`` the prompts are encoded in one batch, only up to the longest last-word
+        position (a few tokens instead of the full context); the other modes read the whole context.
+        """
+        tokenizer = self.pipeline.tokenizer
+        ids = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length).input_ids
+        last_words = [max(len(i) - 2, 0) for i in ids]  # [BOS, words..., EOS]: the last word is at length - 2
+        if self.config.token_mode == "last":
+            width = max(last_words) + 1
+            batch = torch.tensor([(i + [tokenizer.pad_token_id] * width)[:width] for i in ids], device=self.device)
+            embeds = self.text_encoder(batch).last_hidden_state
+            return [embed[last:last + 1] for embed, last in zip(embeds, last_words)]
         embeds = self.encode(prompts)
-        lengths = [len(self.pipeline.tokenizer(p, truncation=True).input_ids) for p in prompts]
-        selected = []
-        for embed, length in zip(embeds, lengths):
-            last_word = max(length - 2, 0)  # [BOS, words..., EOS]: the last word is at length - 2
-            start = {"last": last_word, "last+eot": last_word, "all": 0}[self.config.token_mode]
-            stop = last_word + 1 if self.config.token_mode == "last" else embed.shape[0]
-            selected.append(embed[start:stop])
-        return selected
+        start = 0 if self.config.token_mode == "all" else None
+        return [embed[last if start is None else start:] for embed, last in zip(embeds, last_words)]
 
     def edit_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(erase keys, aligned guide keys, preserve keys) as stacked rows."""
@@ -117,11 +128,24 @@ class UCE(EraserModule):
         return torch.cat(erase), torch.cat(guide), preserve
 
     @torch.no_grad()
-    def training_step(self, step: int, batch_idx: int) -> None:
+    def edit(self) -> dict[str, float]:
+        """Encode the keys, solve for T once (float64), write W_old T into every edited projection.
+
+        Returns the seconds of each phase: encoding, solve, write.
+        """
+        started = time.perf_counter()
         erase, guide, preserve = self.edit_keys()
+        encoded = time.perf_counter()
         transform = uce_transform(erase, guide, preserve, self.config.lam, self.config.erase_scale,
                                   self.config.preserve_scale)
+        solved = time.perf_counter()
         for name, weight in self.trained.items():
             weight.copy_(edit_weight(self.original[name], transform))
-        self.log("train/edited_matrices", float(len(self.trained)))
+        written = time.perf_counter()
+        return {"encoding": encoded - started, "solve": solved - encoded, "write": written - solved}
+
+    def training_step(self, step: int, batch_idx: int) -> None:
+        seconds = self.edit()
+        self.log_dict({"train/edited_matrices": float(len(self.trained)),
+                       **{f"train/{phase}_s": value for phase, value in seconds.items()}})
         self.trainer.should_stop = True  # the edit is done in one step

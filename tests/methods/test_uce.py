@@ -39,7 +39,7 @@ def test_without_erase_concepts_the_weights_do_not_change():
 def edited():
     module = UCE(load_pipeline(TOYWORLD_MODEL), UCEConfig(prompt_template="a {concept}", preserve=["square", "star"]),
                  ["circle"])
-    module.log = lambda *args, **kwargs: None
+    module.log_dict = lambda *args, **kwargs: None
     module.trainer = type("Trainer", (), {"should_stop": False})()
     module.training_step(0, 0)
     return module
@@ -68,6 +68,23 @@ def test_token_modes_select_the_last_word_or_more():
         counts[mode] = len(module.keys(["a circle"])[0])
     tokens = pipeline.tokenizer.model_max_length
     assert counts == {"last": 1, "last+eot": tokens - 2, "all": tokens}
-    module = UCE(pipeline, UCEConfig(token_mode="last"), ["circle"])
-    key = module.keys(["a circle"])[0][0]
-    assert torch.equal(key, module.encode(["a circle"])[0, 2])  # [BOS, a, circle, EOS, ...]
+
+
+def test_last_token_keys_from_the_short_batch_equal_the_full_context_encoding():
+    """The encoder is causal: encoding only up to the last word gives the same embeddings."""
+    module = UCE(load_pipeline(TOYWORLD_MODEL), UCEConfig(token_mode="last"), ["circle"])
+    prompts = ["a circle", "a red striped circle", "heart", "a picture of a dotted purple star"]
+    full = module.encode(prompts)
+    for prompt, key, embed in zip(prompts, module.keys(prompts), full):
+        last = len(module.pipeline.tokenizer(prompt).input_ids) - 2
+        assert key.shape == (1, embed.shape[-1])
+        assert torch.allclose(key[0], embed[last], atol=1e-5), prompt
+
+
+def test_the_float64_solution_is_applied_to_float32_weights_precisely():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32)
+    transform = torch.eye(32, dtype=torch.float64) + 0.01 * torch.randn(32, 32, dtype=torch.float64)
+    exact = weight.double() @ transform
+    assert edit_weight(weight, transform).dtype == torch.float32
+    assert (edit_weight(weight, transform).double() - exact).norm() / exact.norm() < 1e-6

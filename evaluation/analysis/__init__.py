@@ -1,0 +1,1 @@
+"""The seed study's analyses: text-encoder similarity and cross-attention mass on concept tokens."""

@@ -1,0 +1,126 @@
+"""The comparison's artifacts: table (CSV and Markdown), bar chart, image grid, analysis plots and
+``report.md``. Inputs are plain data (rows of metrics, images, curves), so every figure can be
+rebuilt from a comparison directory's CSV files."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from erasure.io import atomic_write_text  # noqa: E402
+from evaluation.metrics import KID, SUITE_METRICS  # noqa: E402
+
+KEY_METRICS = list(SUITE_METRICS.values())
+
+
+def _atomic_save(path: Path, save) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial{path.suffix}")
+    save(staging)
+    staging.replace(path)
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _cell(value) -> str:
+    if value is None or value == "":
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metrics_chart(rows: Sequence[dict], path: Path) -> None:
+    """Grouped bars: target, synonym and retained accuracy (after erasure) per method."""
+    labels = [row["method"] for row in rows]
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 3.6), dpi=110)
+    width = 0.8 / len(KEY_METRICS)
+    for k, metric in enumerate(KEY_METRICS):
+        values = [row.get(metric) or 0.0 for row in rows]
+        positions = [i + (k - (len(KEY_METRICS) - 1) / 2) * width for i in range(len(rows))]
+        axis.bar(positions, values, width, label=metric.split("/")[-1])
+    axis.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("share of images")
+    axis.set_title("target and synonym: lower is better; retained: higher is better", fontsize=9)
+    axis.legend(fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    figure.tight_layout()
+    _atomic_save(path, lambda p: figure.savefig(p, format="png"))
+    plt.close(figure)
+
+
+def attention_chart(curves: dict[str, torch.Tensor], path: Path, title: str) -> None:
+    """Attention mass on the concept tokens per denoising step, one line per curve."""
+    figure, axis = plt.subplots(figsize=(7.0, 3.8), dpi=110)
+    for label, curve in curves.items():
+        steps = torch.arange(1, len(curve) + 1)
+        axis.plot(steps, curve, label=label, linewidth=2.2 if label == "plain prompt" else 1.3,
+                  linestyle="-" if label == "plain prompt" or label.startswith("base") else "--")
+    axis.set_xlabel("denoising step")
+    axis.set_ylabel("attention mass on concept tokens")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.tight_layout()
+    _atomic_save(path, lambda p: figure.savefig(p, format="png"))
+    plt.close(figure)
+
+
+def image_grid(labels: Sequence[str], images: Sequence[torch.Tensor], prompts: Sequence[str], path: Path) -> None:
+    """Rows = methods, columns = prompts (same seeds in every row); uint8 images (N, H, W, 3)."""
+    size = max(96, images[0].shape[1])
+    font = ImageFont.load_default()
+    label_width = 8 + max(int(font.getlength(label)) for label in labels)
+    header, pad = 30, 2
+    width = label_width + len(prompts) * (size + pad)
+    canvas = Image.new("RGB", (width, header + len(labels) * (size + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, prompt in enumerate(prompts):
+        x = label_width + c * (size + pad)
+        for line, text in enumerate((prompt[:18], prompt[18:36])):
+            draw.text((x, 2 + 12 * line), text, fill="black", font=font)
+    for r, (label, row_images) in enumerate(zip(labels, images)):
+        y = header + r * (size + pad)
+        draw.text((4, y + size // 2 - 6), label, fill="black", font=font)
+        for c, image in enumerate(row_images):
+            tile = Image.fromarray(image.numpy()).resize((size, size), Image.Resampling.NEAREST)
+            canvas.paste(tile, (label_width + c * (size + pad), y))
+    _atomic_save(path, lambda p: canvas.save(p, format="png"))
+
+
+def metric_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:
+    """One row per run: every metric after erasure, the original model's row first."""
+    first = runs[0][1]
+    # the original model's KID would compare it with itself
+    before = {k: v for k, v in first["before"].items() if k != KID}
+    rows = [{"method": "original model", "recipe": "", **before, "fit_s": None, "eval_s": None}]
+    for label, metrics in runs:
+        rows.append({"method": label, "recipe": metrics["recipe"], **metrics["after"],
+                     "fit_s": metrics["seconds"]["fit"], "eval_s": metrics["seconds"]["eval"]})
+    return rows
+
+
+def table_columns(rows: Sequence[dict]) -> list[str]:
+    names = list(dict.fromkeys(k for row in rows for k in row if "/" in k))
+    ordered = [m for m in (*KEY_METRICS, KID) if m in names] + [m for m in names if m not in (*KEY_METRICS, KID)]
+    return ["method", *ordered, "fit_s", "eval_s"]

@@ -1,0 +1,107 @@
+"""Real-model evaluators on random-weight models built from config, and NudeNet's shipped detector."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from erasure.generation import Sampler, generate
+from erasure.train import build_evaluator
+from erasure.config import ConfigError, load_config
+from evaluation.evaluators import (
+    CLIPConfig, CLIPEvaluator, EvaluatorError, NudeNetConfig, NudeNetEvaluator, TorchvisionConfig,
+    TorchvisionEvaluator,
+)
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture(scope="module")
+def images(toy_pipeline):
+    return generate(toy_pipeline, ["a red circle", "a blue star", "a dotted square"], [0, 1, 2], Sampler(steps=6))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / "tiny-clip-test.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip-test")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "weights.safetensors")
+    return folder / "weights.safetensors"
+
+
+def test_clip_score_is_100_cos_of_the_loaded_model(tiny_clip, images):
+    evaluator = CLIPEvaluator(CLIPConfig(model="tiny-clip-test", checkpoint=str(tiny_clip)))
+    texts = ["a red circle", "a blue star", "a dotted square"]
+    model, preprocess, tokenizer = evaluator._model
+    from PIL import Image
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(model.encode_image(
+            torch.stack([preprocess(Image.fromarray(i.numpy())) for i in images])), dim=-1)
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+    assert torch.allclose(evaluator.score(images, texts), 100 * (image * text).sum(-1), atol=1e-4)
+    seen = evaluator.sees(images, ["circle", "star", "square"])
+    assert seen.dtype == torch.bool and seen.shape == (3,)
+    assert evaluator.features(images).shape == (3, 32) and "tiny-clip-test" in evaluator.name
+    contrast = CLIPEvaluator(CLIPConfig(model="tiny-clip-test", checkpoint=str(tiny_clip), contrast=["star", "square"]))
+    assert contrast.sees(images, ["circle"] * 3).shape == (3,)
+
+
+def test_clip_errors(tmp_path, tiny_clip):
+    with pytest.raises(EvaluatorError, match="set evaluation.clip.checkpoint=<path"):
+        CLIPEvaluator(CLIPConfig(model="tiny-clip-test"))
+    with pytest.raises(EvaluatorError, match="CLIP evaluator weights not found at /nope.safetensors"):
+        CLIPEvaluator(CLIPConfig(model="tiny-clip-test", checkpoint="/nope.safetensors"))
+    with pytest.raises(EvaluatorError, match="unknown open_clip model 'ViT-Q'"):
+        CLIPEvaluator(CLIPConfig(model="ViT-Q", checkpoint=str(tiny_clip)))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    broken = CLIPEvaluator(CLIPConfig(model="tiny-clip-test", checkpoint=str(tmp_path / "bad.safetensors")))
+    with pytest.raises(EvaluatorError, match="cannot load .*bad.safetensors as open_clip tiny-clip-test"):
+        broken.features(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+
+
+def test_nudenet_runs_its_shipped_detector(images):
+    evaluator = NudeNetEvaluator(NudeNetConfig())
+    assert evaluator.sees(images, ["nudity"] * 3).tolist() == [False, False, False]  # coloured shapes
+    assert evaluator.detections(images) == [[], [], []] or all(
+        d["score"] < 0.6 for found in evaluator.detections(images) for d in found)
+    with pytest.raises(EvaluatorError, match="NudeNet detector weights not found at /nope.onnx"):
+        NudeNetEvaluator(NudeNetConfig(model="/nope.onnx"))
+
+
+def test_torchvision_classifier_with_local_weights(tmp_path, images):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    save_file(model.state_dict(), tmp_path / "resnet18.safetensors")
+    evaluator = TorchvisionEvaluator(TorchvisionConfig(model="resnet18", weights=str(tmp_path / "resnet18.safetensors"),
+                                                       classes={"circle": [0, 1]}))
+    with torch.no_grad():
+        expected = model(evaluator.transforms(images.permute(0, 3, 1, 2))).argmax(-1)
+    assert evaluator.sees(images, ["circle"] * 3).tolist() == [int(k) in (0, 1) for k in expected]
+    assert evaluator.classes_of("goldfish") == [1]  # ImageNet category names
+    with pytest.raises(EvaluatorError, match="'unicorn' is not a IMAGENET1K_V1 category"):
+        evaluator.classes_of("unicorn")
+    with pytest.raises(EvaluatorError, match="set evaluation.torchvision.weights=<path"):
+        TorchvisionEvaluator(TorchvisionConfig(model="resnet18"))
+    save_file({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
+    wrong = TorchvisionEvaluator(TorchvisionConfig(model="resnet18", weights=str(tmp_path / "other.safetensors")))
+    with pytest.raises(EvaluatorError, match="cannot load .*other.safetensors into torchvision resnet18"):
+        wrong.sees(images, ["goldfish"] * 3)
+
+
+def test_evaluator_choice_in_config_fails_early_with_one_line():
+    config = load_config(["recipe=esd", "evaluation.evaluator=clip"])
+    with pytest.raises(ConfigError, match="set evaluation.clip.checkpoint"):
+        build_evaluator(config.evaluation)
+    config = load_config(["recipe=esd", "evaluation.evaluator=dino"])
+    with pytest.raises(ConfigError, match="unknown evaluator 'dino' for evaluation.evaluator; available: toyworld, clip"):
+        build_evaluator(config.evaluation)
+    config = load_config(["recipe=esd", "evaluation.classifier=/nope"])
+    with pytest.raises(ConfigError, match="no toy-world classifier at /nope"):
+        build_evaluator(config.evaluation)

@@ -1,0 +1,67 @@
+"""The comparison: runs and reused runs on one protocol, its table, figures and analyses."""
+
+import csv
+import json
+
+import pytest
+
+from erasure.compare import main
+from erasure.train import main as train
+
+SMALL = ["evaluation.images_per_prompt=1", "evaluation.steps=4"]
+
+
+@pytest.fixture(scope="module")
+def uce_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs") / "uce-circle"
+    assert train(["recipe=uce", f"output_dir={output}", *SMALL]) == 0
+    return output
+
+
+def test_compare_runs_new_recipes_and_reuses_finished_runs(tmp_path, uce_run, capsys):
+    output = tmp_path / "comparison"
+    assert main([f"recipes=[instruction,{uce_run}]", "templates=[explicit]", f"output_dir={output}", *SMALL]) == 0
+    log = capsys.readouterr().out
+    assert "[1/2] instruction-explicit: running" in log and f"[2/2] uce-circle: reusing {uce_run}" in log
+    for artifact in ("comparison.csv", "comparison.md", "metrics.png", "grid.png", "attention_circle.png", "report.md",
+                     "analysis/text_similarity.csv", "analysis/attention_curves.csv", "analysis/attention_auc.csv",
+                     "runs/instruction-explicit/metrics.json"):
+        assert (output / artifact).is_file(), artifact
+    rows = {row["method"]: row for row in csv.DictReader(open(output / "comparison.csv"))}
+    assert list(rows) == ["original model", "instruction-explicit", "uce-circle"]
+    for label, path in (("uce-circle", uce_run), ("instruction-explicit", output / "runs" / "instruction-explicit")):
+        after = json.loads((path / "metrics.json").read_text())["after"]
+        assert {k: float(rows[label][k]) for k in after} == after
+    auc = {row["curve"]: row for row in csv.DictReader(open(output / "analysis" / "attention_auc.csv"))}
+    assert {"plain prompt", "base + explicit", "base + implicit", "base + repetition", "base + negative_prompt",
+            "uce-circle (erased)"} <= set(auc)
+    assert float(auc["plain prompt"]["delta_auc"]) == 0.0
+    templates = {row["template"] for row in csv.DictReader(open(output / "analysis" / "text_similarity.csv"))}
+    assert templates == {"repetition", "explicit", "implicit"}
+    report = (output / "report.md").read_text()
+    assert "| uce-circle |" in report and "![attention circle](attention_circle.png)" in report
+    assert "evaluator: toyworld-classifier" in report
+
+    # a second call reuses everything in the comparison directory
+    assert main([f"recipes=[instruction,{uce_run}]", "templates=[explicit]", f"output_dir={output}", *SMALL]) == 0
+    assert "[1/2] instruction-explicit: reusing" in capsys.readouterr().out
+
+
+def test_runs_with_different_protocols_are_refused(tmp_path, uce_run, capsys):
+    assert main([f"recipes=[instruction,{uce_run}]", "templates=[explicit]", f"output_dir={tmp_path / 'c'}",
+                 "evaluation.images_per_prompt=2", "evaluation.steps=4"]) == 2
+    assert "was evaluated with images_per_prompt=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["concept=circle"], "no recipes given; pass recipes=["),
+    (["recipes=[esd,nope]"], "'nope' in recipes is neither a recipe"),
+    (["recipes=[instruction]", "templates=[shouting]"], "unknown template 'shouting' in templates"),
+    (["recipes=[esd]", "trainer.max_step=3"], "unknown key 'trainer.max_step'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, arguments, message):
+    output = tmp_path / "comparison"
+    assert main([*arguments, f"output_dir={output}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not output.exists()
