@@ -32,7 +32,12 @@ UCE_COUNTS = (1, 10, 100, 1000)
 
 
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss
+    across exec, so a child would report its parent's peak (here, the SD-1.5 model of the UCE rows)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def load(model: str, latent: int):
@@ -166,11 +171,12 @@ def main() -> None:
         return
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"benchmarks on {machine}", flush=True)
-    rows = []
+    groups = {}
     for group, table in (("uce", uce_table), ("steps", steps_table), ("generation", generation_table)):
         if args.only in (None, group):
             print(f"{group}:", flush=True)
-            rows += table(args.latent)
+            groups[group] = table(args.latent)
+    rows = [row for group_rows in groups.values() for row in group_rows]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     staging = args.output.with_name(f".{args.output.name}.partial")
@@ -179,8 +185,9 @@ def main() -> None:
         writer.writeheader()
         writer.writerows({"machine": machine, **row} for row in rows)
     staging.replace(args.output)
-    print(markdown(rows))
-    print(f"written to {args.output}")
+    print(f"\n{machine}\n")
+    print("\n\n".join(markdown(group_rows) for group_rows in groups.values()))
+    print(f"\nwritten to {args.output}")
 
 
 if __name__ == "__main__":

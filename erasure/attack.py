@@ -37,9 +37,10 @@ class AttackRunConfig:
 
 
 def load_attack_config(arguments: list[str]) -> AttackRunConfig:
-    config = OmegaConf.to_object(merge_into_schema(OmegaConf.structured(AttackRunConfig), parse_overrides(arguments)))
-    if config.run == "???":
+    merged = merge_into_schema(OmegaConf.structured(AttackRunConfig), parse_overrides(arguments))
+    if OmegaConf.is_missing(merged, "run"):
         raise ConfigError("no run given; pass run=<run directory written by erasure.train>")
+    config = OmegaConf.to_object(merged)
     unknown = [a for a in config.attacks if a not in ATTACKS]
     if unknown or not config.attacks:
         raise ConfigError(f"unknown attack '{unknown[0] if unknown else ''}' in attacks; choose from {', '.join(ATTACKS)}")

@@ -35,8 +35,9 @@ class _Features(torch.nn.Module):
 
 def kid(evaluator: Evaluator, reference: torch.Tensor, images: torch.Tensor, subset_size: int, seed: int = 0) -> float:
     """KID between two uint8 image sets (N, H, W, 3); subsets are drawn with a fixed seed."""
+    # every rank holds all images (the callback gathers them): no syncing of states across ranks
     metric = KernelInceptionDistance(feature=_Features(evaluator), subset_size=min(subset_size, len(images)),
-                                     subsets=50)
+                                     subsets=50, sync_on_compute=False)
     metric.update(reference.permute(0, 3, 1, 2), real=True)
     metric.update(images.permute(0, 3, 1, 2), real=False)
     state = torch.random.get_rng_state()

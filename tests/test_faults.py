@@ -105,5 +105,9 @@ def test_two_process_ddp_matches_one_process_evaluation(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert main([*common, f"output_dir={tmp_path / 'one'}"]) == 0
     ddp, one = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("ddp", "one"))
-    assert ddp["before"] == one["before"]  # the same model, generation split over two ranks
+    # the same model, generation split over two ranks: the same accuracies; KID to rounding (Lightning gives
+    # each CPU rank one thread, so the classifier's features are summed in another order)
+    kid = "fidelity/kid"
+    assert {k: v for k, v in ddp["before"].items() if k != kid} == {k: v for k, v in one["before"].items() if k != kid}
+    assert ddp["before"][kid] == pytest.approx(one["before"][kid], abs=1e-3)
     assert set(ddp["after"]) == set(one["after"]) and delta(tmp_path / "ddp")

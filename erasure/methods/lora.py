@@ -84,7 +84,11 @@ class LoRA(EraserModule):
             raise DeltaError(f"{folder} has no {LORA_FILE}; pass the erased/ folder of a LoRA run")
         state, _ = StableDiffusionPipeline.lora_state_dict(folder)
         unet_state = {name.removeprefix("unet."): value for name, value in state.items() if name.startswith("unet.")}
-        result = set_peft_model_state_dict(self.unet, unet_state, adapter_name=ADAPTER)
+        try:
+            result = set_peft_model_state_dict(self.unet, unet_state, adapter_name=ADAPTER)
+        except RuntimeError as error:  # shapes of another architecture or rank
+            raise DeltaError(f"the LoRA in {folder} does not fit this UNet ({str(error).splitlines()[-1].strip()}); "
+                             "was it trained for another model or with another rank?") from None
         if result.unexpected_keys:
             raise DeltaError(f"the LoRA in {folder} does not fit this UNet ({result.unexpected_keys[0]}); "
                              "was it trained with other target_modules or for another model?")

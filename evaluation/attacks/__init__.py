@@ -37,8 +37,8 @@ ATTACKS = ("inversion", "soft_prompt")
 
 @dataclass
 class AttackConfig:
-    steps: int = 200  # optimisation steps per attack
-    lr: float = 5e-3
+    steps: int = 300  # optimisation steps per attack
+    lr: float = 5e-2  # at 5e-3 and 200 steps, inversion did not bring circles back even on the original model
     batch_size: int = 4
     images: int = 16  # images of the concept from the original model (the attacker's data)
     inversion_tokens: int = 1

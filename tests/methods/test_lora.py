@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
@@ -47,3 +48,25 @@ def test_two_erasers_combine_with_set_adapters(tmp_path):
         images["+".join(active)] = generate(pipeline, PROMPTS, SEEDS, FAST)
     assert not torch.equal(images["circle+star"], images["circle"])
     assert not torch.equal(images["circle+star"], images["star"])
+
+
+def test_a_lora_of_another_shape_or_layout_is_refused(tmp_path):
+    from erasure.weights import DeltaError
+
+    trained_eraser("circle", 0).save_erased(tmp_path / "rank4")
+    module = LoRA(load_pipeline(TOYWORLD_MODEL), LoRAConfig(rank=8), ["circle"])
+    with pytest.raises(DeltaError, match="does not fit this UNet .*another model or with another rank"):
+        module.load_erased(tmp_path / "rank4")
+    module = LoRA(load_pipeline(TOYWORLD_MODEL), LoRAConfig(target_modules="xattn-kv"), ["circle"])
+    with pytest.raises(DeltaError, match="does not fit this UNet .*other target_modules"):
+        module.load_erased(tmp_path / "rank4")
+    with pytest.raises(DeltaError, match="has no pytorch_lora_weights.safetensors"):
+        module.load_erased(tmp_path)
+
+
+def test_load_erased_restores_the_trained_eraser(tmp_path):
+    eraser = trained_eraser("circle", 0)
+    eraser.save_erased(tmp_path / "erased")
+    module = LoRA(load_pipeline(TOYWORLD_MODEL), LoRAConfig(prompt_template="a {concept}"), ["circle"])
+    module.load_erased(tmp_path / "erased")
+    assert torch.equal(module.generate(PROMPTS, SEEDS, FAST), eraser.generate(PROMPTS, SEEDS, FAST))
