@@ -70,7 +70,7 @@ def measure_step(kind: str, model: str, latent: int, repeats: int) -> dict:
             started = time.perf_counter()
             for _ in range(repeats):
                 pipeline.unet(torch.randn(1, 4, size, size), torch.tensor([500]), encoder_hidden_states=embeds)
-        return {"seconds": (time.perf_counter() - started) / repeats, "peak_mib": peak_mib()}
+        return {"seconds": (time.perf_counter() - started) / repeats, "peak_mib": peak_mib(), "latent": size}
     module = {
         "esd": lambda: ESD(pipeline, ESDConfig(train_method="esd-x", ddim_steps=10, batch_size=1), ["circle"]),
         "ablation": lambda: Ablation(pipeline, AblationConfig(batch_size=1, num_anchor_images=2, anchor_steps=2),
@@ -92,7 +92,8 @@ def measure_step(kind: str, model: str, latent: int, repeats: int) -> dict:
     started = time.perf_counter()
     for index in range(1, repeats + 1):
         step(index)
-    return {"seconds": (time.perf_counter() - started) / repeats, "peak_mib": peak_mib()}
+    return {"seconds": (time.perf_counter() - started) / repeats, "peak_mib": peak_mib(),
+            "latent": pipeline.unet.config.sample_size}
 
 
 def steps_table(latent: int) -> list[dict]:
@@ -109,7 +110,7 @@ def steps_table(latent: int) -> list[dict]:
         for kind in STEP_KINDS:
             ratio = results[kind]["peak_mib"] / results["forward"]["peak_mib"]
             rows.append({"benchmark": f"{kind} step" if kind != "forward" else "no-grad UNet forward",
-                         "model": model, "size": f"latent {latent}" if model != "toy" else "latent 8",
+                         "model": model, "size": f"latent {results[kind]['latent']}",
                          "seconds": round(results[kind]["seconds"], 4), "peak_mib": round(results[kind]["peak_mib"]),
                          "peak_vs_forward": round(ratio, 2)})
     return rows
