@@ -24,6 +24,7 @@ FAST = ["trainer.checkpoint_every_n_steps=2", "method.ddim_steps=6", "method.bat
     (["recipe=esd", "model.path=/nonexistent/sd"], "model folder /nonexistent/sd does not exist"),
     (["recipe=esd", f"concept={'circle ' * 40}"], "is 40 tokens but the text encoder reads 30; use a shorter concept"),
     (["recipe=esd", "evaluation.classifier=/nonexistent"], "no toy-world classifier at /nonexistent"),
+    (["recipe=esd", "resume=true"], "has no checkpoints/last.ckpt; pass the run directory to continue"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, arguments, message):
     output = tmp_path / "run"
@@ -93,3 +94,19 @@ def test_unwritable_output_dir_is_one_line_exit_2(capsys):
     assert main(["recipe=uce", "output_dir=/proc/erasure-run"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: cannot create output_dir /proc/erasure-run") and "choose a writable" in error
+
+
+def test_a_concept_the_tokenizer_cannot_encode_is_refused():
+    """Byte-level BPE (CLIP) encodes every string; other tokenizers map unknown text to unk."""
+    from erasure.config import ConfigError
+    from erasure.train import check_concepts
+
+    class WordTokenizer:
+        model_max_length, unk_token, unk_token_id = 77, "<unk>", 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoding", (), {"input_ids": [0 if word == "Ŋ" else 5 for word in text.split()]})()
+
+    check_concepts(WordTokenizer(), ["van gogh"])
+    with pytest.raises(ConfigError, match="cannot encode concept 'van Ŋ' .unknown tokens."):
+        check_concepts(WordTokenizer(), ["van Ŋ"])
