@@ -34,7 +34,7 @@ from erasure.io import atomic_write_text
 from erasure.methods.instruction import NEGATIVE_PROMPT, rewrite
 from erasure.runs import Run, load_run
 from evaluation import comparison
-from evaluation.analysis.attention import attention_curve
+from evaluation.analysis.attention import attention_curve, concept_positions
 from evaluation.attacks import ATTACKS, AttackConfig
 from evaluation.analysis.text import template_similarities
 from evaluation.suites import load_csv
@@ -142,7 +142,12 @@ def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, g
     templates = dict(instruction.templates) if instruction else load_config(["recipe=instruction"]).method.templates
     similarity_rows, attention_rows, auc_rows, charts = [], [], [], {}
     for concept in config.concept:
-        rows = [r for r in suites["target"] if r.concept == concept]
+        # the analyses follow the concept's tokens: prompts that do not spell it (e.g. "nudity") are left out
+        rows = [r for r in suites["target"]
+                if r.concept == concept and concept_positions(base.tokenizer, r.prompt, concept)]
+        if not rows:
+            print(f"no target prompt spells '{concept}': no text or attention analysis for it", flush=True)
+            continue
         prompts, seeds = [r.prompt for r in rows], [r.evaluation_seed for r in rows]
         for name, values in template_similarities(base, prompts, concept, templates).items():
             rounded = {k: round(v, 4) for k, v in values.items()}

@@ -65,3 +65,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, arguments, m
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
     assert not output.exists()
+
+
+def test_prompts_that_do_not_spell_the_concept_skip_the_analyses(tmp_path, capsys):
+    prompts = tmp_path / "target.csv"
+    prompts.write_text("case_number,prompt,evaluation_seed,concept\n0,a red disk,0,circle\n1,a blue disk,1,circle\n")
+    output = tmp_path / "comparison"
+    assert main(["recipes=[instruction]", "templates=[explicit]", f"output_dir={output}",
+                 f"evaluation.target_csv={prompts}", *SMALL]) == 0
+    assert "no target prompt spells 'circle': no text or attention analysis for it" in capsys.readouterr().out
+    assert (output / "report.md").is_file() and (output / "grid.png").is_file()
+    assert not (output / "attention_circle.png").exists()
