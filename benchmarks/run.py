@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from evaluation.comparison import markdown_table
+
 STEP_KINDS = ("forward", "esd", "ablation", "lora")
 UCE_COUNTS = (1, 10, 100, 1000)
 
@@ -151,13 +153,6 @@ def generation_table(latent: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["uce", "steps", "generation"])
@@ -187,7 +182,7 @@ def main() -> None:
         writer.writerows({"machine": machine, **row} for row in rows)
     staging.replace(args.output)
     print(f"\n{machine}\n")
-    print("\n\n".join(markdown(group_rows) for group_rows in groups.values()))
+    print("\n\n".join(markdown_table(group_rows) for group_rows in groups.values()))
     print(f"\nwritten to {args.output}")
 
 

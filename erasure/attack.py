@@ -23,6 +23,7 @@ from erasure.config import ConfigError, merge_into_schema, parse_overrides
 from erasure.generation import Sampler
 from erasure.io import atomic_write_text
 from erasure.runs import load_run
+from erasure.train import build_evaluator
 from evaluation.attacks import ATTACKS, AttackConfig, run_attack
 from evaluation.metrics import suite_accuracy
 from evaluation.report import comparison_grid
@@ -52,8 +53,6 @@ def load_attack_config(arguments: list[str]) -> AttackRunConfig:
 
 def attack_run(run_dir: Path, attacks: list[str], config: AttackConfig) -> dict[str, dict]:
     """Run each attack on a fresh copy of the run's erased model; results are cached in <run>/attacks/."""
-    from erasure.train import build_evaluator
-
     results = {}
     for attack in attacks:
         path = Path(run_dir) / "attacks" / f"{attack}.json"

@@ -33,6 +33,7 @@ from erasure.generation import Sampler, generate
 from erasure.io import atomic_write_text
 from erasure.methods.instruction import NEGATIVE_PROMPT, rewrite
 from erasure.runs import Run, load_run
+from erasure.train import run as train_run
 from evaluation import comparison
 from evaluation.analysis.attention import attention_curve, concept_positions
 from evaluation.attacks import ATTACKS, AttackConfig
@@ -50,7 +51,6 @@ PROTOCOL_KEYS = ("seed", "model.path", "model.resolution", "evaluation.evaluator
 class Entry:
     label: str
     config: DictConfig
-    reused: bool  # a finished run given by path
 
 
 def plan(arguments: list[str]) -> tuple[list[Entry], DictConfig, Path]:
@@ -73,11 +73,9 @@ def plan(arguments: list[str]) -> tuple[list[Entry], DictConfig, Path]:
                 label = item if template is None else f"{item}-{template}"
                 extra = [] if template is None else [f"method.template={template}"]
                 config = load_config([f"recipe={item}", *forwarded, *extra, f"output_dir={output / 'runs' / label}"])
-                if (output / "runs" / label / "metrics.json").exists():
-                    config.resume = False
-                entries.append(Entry(label, config, reused=False))
+                entries.append(Entry(label, config))
         elif Path(item).is_dir():
-            entries.append(Entry(Path(item).name, load_run_config(Path(item)), reused=True))
+            entries.append(Entry(Path(item).name, load_run_config(Path(item))))
             entries[-1].config.output_dir = item
         else:
             raise ConfigError(f"'{item}' in recipes is neither a recipe ({', '.join(available_recipes())}) "
@@ -117,9 +115,7 @@ def _templates(recipe: str, forwarded: list[str], options: DictConfig) -> list[s
     return chosen
 
 
-def run_entries(entries: list[Entry]) -> list[tuple[str, dict, Path]]:
-    from erasure.train import run  # imported late: train imports this module's dependencies
-
+def run_entries(entries: list[Entry]) -> list[tuple[str, Run, Path]]:
     finished = []
     for k, entry in enumerate(entries, start=1):
         path = Path(entry.config.output_dir)
@@ -127,7 +123,7 @@ def run_entries(entries: list[Entry]) -> list[tuple[str, dict, Path]]:
         print(f"[{k}/{len(entries)}] {entry.label}: {'reusing ' + str(path) if done else 'running'}", flush=True)
         if not done:
             entry.config.overwrite = path.exists()  # a run interrupted before it finished starts again
-            run(entry.config)
+            train_run(entry.config)
         finished.append((entry.label, load_run(path), path))
     return finished
 

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -47,16 +47,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors through a temporary file and a rename."""
-    from safetensors.torch import save_file
-
+def atomic_save(path: Path, save: Callable[[Path], object]) -> None:
+    """Call ``save(staging)`` on a temporary file beside ``path`` (same suffix), then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    staging = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging, metadata=metadata)
+        save(staging)
         os.replace(staging, path)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+
+
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as safetensors through a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    atomic_save(path, lambda staging: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                                                staging, metadata=metadata))

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from erasure.cli import run_command
 from erasure.config import ConfigError, available_recipes, load_config, resolve_path
 from erasure.generation import Sampler
-from erasure.io import atomic_write_text
+from erasure.io import atomic_save, atomic_write_text
 from erasure.runs import build_module
 from evaluation.callback import EvaluationCallback
 from evaluation.evaluators import (
@@ -66,10 +66,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file and renamed: an interrupted save never leaves half a file."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        staging = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, staging, storage_options)
-        os.replace(staging, path)
+        atomic_save(Path(path), lambda staging: super(AtomicCheckpointIO, self).save_checkpoint(
+            checkpoint, staging, storage_options))
 
 
 class CheckpointOnInterrupt(L.Callback):

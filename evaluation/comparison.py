@@ -16,17 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from erasure.io import atomic_write_text  # noqa: E402
+from erasure.io import atomic_save, atomic_write_text  # noqa: E402
 from evaluation.metrics import KID, SUITE_METRICS  # noqa: E402
 
 KEY_METRICS = list(SUITE_METRICS.values())
-
-
-def _atomic_save(path: Path, save) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial{path.suffix}")
-    save(staging)
-    staging.replace(path)
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
@@ -66,7 +59,7 @@ def metrics_chart(rows: Sequence[dict], path: Path) -> None:
     axis.set_title("target and synonym: lower is better; retained: higher is better", fontsize=9)
     axis.legend(fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     figure.tight_layout()
-    _atomic_save(path, lambda p: figure.savefig(p, format="png"))
+    atomic_save(path, lambda p: figure.savefig(p, format="png"))
     plt.close(figure)
 
 
@@ -82,7 +75,7 @@ def attention_chart(curves: dict[str, torch.Tensor], path: Path, title: str) -> 
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
-    _atomic_save(path, lambda p: figure.savefig(p, format="png"))
+    atomic_save(path, lambda p: figure.savefig(p, format="png"))
     plt.close(figure)
 
 
@@ -105,7 +98,7 @@ def image_grid(labels: Sequence[str], images: Sequence[torch.Tensor], prompts: S
         for c, image in enumerate(row_images):
             tile = Image.fromarray(image.numpy()).resize((size, size), Image.Resampling.NEAREST)
             canvas.paste(tile, (label_width + c * (size + pad), y))
-    _atomic_save(path, lambda p: canvas.save(p, format="png"))
+    atomic_save(path, lambda p: canvas.save(p, format="png"))
 
 
 def metric_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:

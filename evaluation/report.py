@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from erasure.io import atomic_write_text
+from erasure.io import atomic_save, atomic_write_text
 
 SCALE = 3  # toy images are 32 px: enlarge them so they can be seen
 
@@ -32,10 +32,7 @@ def comparison_grid(prompts: list[str], original: torch.Tensor, erased: torch.Te
             for k in range(per_prompt):
                 image = Image.fromarray(images[r * per_prompt + k].numpy()).resize((size, size), Image.Resampling.NEAREST)
                 canvas.paste(image, (label_width + block * (per_prompt * (size + pad) + gap) + k * (size + pad), y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial.png")
-    canvas.save(staging)
-    staging.replace(path)
+    atomic_save(path, lambda staging: canvas.save(staging, format="png"))
 
 
 def _value(value: float | None) -> str:
