@@ -25,32 +25,35 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from erasure.bundle import load_pipeline
 from erasure.cli import run_command
-from erasure.attack import attack_run
 from erasure.config import (
     ConfigError, available_recipes, load_config, load_run_config, merge_into_schema, parse_overrides, resolve_path,
 )
 from erasure.generation import Sampler, generate
 from erasure.io import atomic_write_text
 from erasure.methods.instruction import NEGATIVE_PROMPT, rewrite
-from erasure.runs import Run, load_run
-from erasure.train import run as train_run
+from erasure.runs import Run, attack_run, load_run, train, train_in_subprocess
 from evaluation import comparison
 from evaluation.analysis.attention import attention_curve, concept_positions
-from evaluation.attacks import ATTACKS, AttackConfig
 from evaluation.analysis.text import template_similarities
-from evaluation.suites import load_csv
+from evaluation.attacks import ATTACKS, AttackConfig
+from evaluation.metrics import INTERVAL
+from evaluation.protocols import get_protocol
+from evaluation.suites import load_csv, write_table
 
 COMPARE_KEYS = {"recipes", "templates", "output_dir", "overwrite", "grid_prompts", "attacks", "attack"}
 # what must agree between entries for their numbers to be comparable
-PROTOCOL_KEYS = ("seed", "model.path", "model.resolution", "evaluation.evaluator", "evaluation.steps",
+PROTOCOL_KEYS = ("seed", "protocol", "model.path", "model.resolution", "evaluation.evaluator", "evaluation.steps",
                  "evaluation.guidance", "evaluation.images_per_prompt", "evaluation.target_csv",
-                 "evaluation.synonym_csv", "evaluation.retained_csv", "evaluation.classifier")
+                 "evaluation.synonym_csv", "evaluation.retained_csv", "evaluation.fidelity_csv",
+                 "evaluation.prompts_csv", "evaluation.classes", "evaluation.prompt_template",
+                 "evaluation.toyworld", "evaluation.clip", "evaluation.nudenet", "evaluation.torchvision")
 
 
 @dataclass
 class Entry:
     label: str
     config: DictConfig
+    arguments: list[str] | None = None  # the train command line of an entry run now (None: a finished run)
 
 
 def plan(arguments: list[str]) -> tuple[list[Entry], DictConfig, Path]:
@@ -72,8 +75,8 @@ def plan(arguments: list[str]) -> tuple[list[Entry], DictConfig, Path]:
             for template in templates or [None]:
                 label = item if template is None else f"{item}-{template}"
                 extra = [] if template is None else [f"method.template={template}"]
-                config = load_config([f"recipe={item}", *forwarded, *extra, f"output_dir={output / 'runs' / label}"])
-                entries.append(Entry(label, config))
+                arguments = [f"recipe={item}", *forwarded, *extra, f"output_dir={output / 'runs' / label}"]
+                entries.append(Entry(label, load_config(arguments), arguments))
         elif Path(item).is_dir():
             entries.append(Entry(Path(item).name, load_run_config(Path(item))))
             entries[-1].config.output_dir = item
@@ -123,7 +126,10 @@ def run_entries(entries: list[Entry]) -> list[tuple[str, Run, Path]]:
         print(f"[{k}/{len(entries)}] {entry.label}: {'reusing ' + str(path) if done else 'running'}", flush=True)
         if not done:
             entry.config.overwrite = path.exists()  # a run interrupted before it finished starts again
-            train_run(entry.config)
+            if entry.config.trainer.devices == 1:
+                train(entry.config)
+            else:  # Lightning's DDP launcher re-runs the command line: give it the train command's own
+                train_in_subprocess([*entry.arguments, f"overwrite={entry.config.overwrite}"])
         finished.append((entry.label, load_run(path), path))
     return finished
 
@@ -132,6 +138,7 @@ def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, g
     """Text similarity, attention curves and the image grid; returns what the report shows."""
     first = runs[0][1]
     config = first.config
+    word = get_protocol(config.protocol).concept_word
     base = load_pipeline(resolve_path(config.model.path))
     suites = {suite: load_csv(first.path / "prompts" / f"{suite}.csv") for suite in ("target", "retained")}
     instruction = next((r.config.method for _, r, _ in runs if r.config.method.name == "instruction"), None)
@@ -140,7 +147,7 @@ def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, g
     for concept in config.concept:
         # the analyses follow the concept's tokens: prompts that do not spell it (e.g. "nudity") are left out
         rows = [r for r in suites["target"]
-                if r.concept == concept and concept_positions(base.tokenizer, r.prompt, concept)]
+                if r.concept == concept and concept_positions(base.tokenizer, r.prompt, word(concept))]
         if not rows:
             print(f"no target prompt spells '{concept}': no text or attention analysis for it", flush=True)
             continue
@@ -172,9 +179,9 @@ def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, g
                                    f"cross-attention mass on '{concept}' tokens (mean over attn2 layers, heads, "
                                    f"positions; {len(prompts)} prompts)")
         charts[concept] = chart
-    comparison.write_csv(output / "analysis" / "text_similarity.csv", similarity_rows)
-    comparison.write_csv(output / "analysis" / "attention_curves.csv", attention_rows)
-    comparison.write_csv(output / "analysis" / "attention_auc.csv", auc_rows)
+    write_table(output / "analysis" / "text_similarity.csv", similarity_rows)
+    write_table(output / "analysis" / "attention_curves.csv", attention_rows)
+    write_table(output / "analysis" / "attention_auc.csv", auc_rows)
 
     grid = [r for suite in ("target", "retained") for r in suites[suite][:grid_prompts]]
     grid_text, grid_seeds = [r.prompt for r in grid], [r.evaluation_seed for r in grid]
@@ -201,13 +208,15 @@ def add_attacks(rows: list[dict], runs: list[tuple[str, Run, Path]], options: Di
         print(f"attacking [{k}/{len(runs)}] {label}: {', '.join(attacks)}", flush=True)
         results = attack_run(path, attacks, config)
         row = next(r for r in rows if r["method"] == label)
-        row.update({f"robustness/{a}_asr": results[a]["attack_success_rate"] for a in attacks})
+        for a in attacks:
+            row[f"robustness/{a}_asr"] = results[a]["attack_success_rate"]
+            row[f"robustness/{a}_asr{INTERVAL}"] = results[a]["attack_success_rate_ci95"]
 
 
 def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict, runs, attack_budget: str = "") -> None:
     columns = comparison.table_columns(rows)
-    comparison.write_csv(output / "comparison.csv", rows)
-    table = comparison.markdown_table(rows, columns)
+    write_table(output / "comparison.csv", rows)
+    table = comparison.metrics_table(rows, columns)
     atomic_write_text(output / "comparison.md", table + "\n")
     comparison.metrics_chart(rows[1:], output / "metrics.png")
     text_columns = ["concept", "template", "pooled", "concept_token", "delta_pooled", "delta_concept_token"]
@@ -217,8 +226,10 @@ def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict,
         "## Protocol", "", *[f"- {key}: {value}" for key, value in protocol.items()],
         *[f"- {label}: `{path}`" for label, _, path in runs], "",
         "## Metrics", "", "After erasure (the original model's row: before). Accuracies are shares of images in which "
-        "the evaluator sees the concept; target and synonym lower is better, retained higher is better; KID between "
-        "the original and the erased model's retained images (same prompts and seeds).", "", table, "",
+        "the evaluator sees the concept, with 95% Wilson intervals; target and synonym lower is better, retained "
+        "higher is better; ≈ marks a method whose interval overlaps the best method's (no difference at this number "
+        "of images). KID between the original and the erased model's retained images (same prompts and seeds).", "",
+        table, "",
         "![metrics](metrics.png)", "",
         *(["Robustness: `robustness/<attack>_asr` is the attack success rate, the share of the attacked target "
             "prompts' images in which the evaluator sees the concept again (`evaluation.attacks`; budget: "

@@ -1,14 +1,25 @@
-"""Run configuration: recipes (YAML) + ``key=value`` overrides, validated against typed schemas.
+"""Run configuration: layers of YAML and ``key=value`` overrides, validated against typed schemas.
 
-A recipe ``recipes/<name>.yaml`` is merged over ``recipes/base.yaml``; command-line overrides
-are merged last. The top level is checked against :class:`RunConfig`, the ``method`` section
-against the chosen method's ``Config`` dataclass, so an unknown key, a value of the wrong
-type or an invalid choice is a :class:`ConfigError` with a one-line message naming it and
-the valid choices.
+Layers, lowest first (a later layer wins):
+
+    method defaults + recipes/base.yaml   "default"
+    recipes/models/<preset>.yaml          "model preset <name>": a model family's published values
+                                          (``model.preset=auto`` detects it from the model folder)
+    the protocol's layer                  "protocol <name>": evaluator, sampler, suites' settings and
+                                          per-recipe method defaults (``evaluation.protocols``)
+    recipes/<recipe>.yaml                 "recipe <name>"
+    the command line                      "command line"
+
+Presets and protocols hold a section per recipe name. The top level is checked against
+:class:`RunConfig`, the ``method`` section against the chosen method's ``Config`` dataclass, so
+an unknown key, a value of the wrong type or an invalid choice is a :class:`ConfigError` with a
+one-line message naming it and the valid choices. ``sources`` in the resolved config names the
+layer each value came from.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,9 +30,15 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from erasure.bundle import REPO_ROOT
 from evaluation.evaluators import CLIPConfig, NudeNetConfig, TorchvisionConfig
+from evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, ProtocolError, get_protocol
+from evaluation.protocols.toyworld import ToyWorldEvaluatorConfig
 
 RECIPES_DIR = REPO_ROOT / "recipes"
+PRESETS_DIR = RECIPES_DIR / "models"
 BASE_RECIPE = "base"
+AUTO, NO_PRESET = "auto", "none"
+# model presets by the width of the UNet's cross-attention context (the text encoder's width)
+PRESET_BY_CONTEXT_WIDTH = {128: "toyworld", 768: "sd15", 1024: "sd21"}
 
 
 class ConfigError(ValueError):
@@ -31,6 +48,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "checkpoints/toyworld/sd"
+    preset: str = AUTO
     resolution: int | None = None
 
 
@@ -48,8 +66,8 @@ class TrainerConfig:
 @dataclass
 class EvaluationConfig:
     enabled: bool = True
-    evaluator: str = "toyworld"  # toyworld | clip | nudenet | torchvision (evaluation.evaluators)
-    classifier: str = "checkpoints/toyworld/classifier"
+    evaluator: str = "none"  # toyworld | clip | nudenet | torchvision | none (evaluation.protocols)
+    toyworld: ToyWorldEvaluatorConfig = field(default_factory=ToyWorldEvaluatorConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     nudenet: NudeNetConfig = field(default_factory=NudeNetConfig)
     torchvision: TorchvisionConfig = field(default_factory=TorchvisionConfig)
@@ -59,6 +77,11 @@ class EvaluationConfig:
     target_csv: str | None = None
     synonym_csv: str | None = None
     retained_csv: str | None = None
+    fidelity_csv: str | None = None
+    prompts_csv: str | None = None  # protocol artists: every artist's prompts
+    classes: list[str] = field(default_factory=list)  # protocol objects: the classes
+    prompt_template: str = "{concept}"  # protocol objects: the prompt of a class
+    paraphrase_templates: list[str] = field(default_factory=list)  # protocol objects: the synonym suite
     every_n_steps: int = 0
     batch_size: int = 64
     kid_subset_size: int = 50
@@ -67,7 +90,8 @@ class EvaluationConfig:
 @dataclass
 class RunConfig:
     recipe: str = "???"
-    concept: Any = "circle"
+    protocol: str | None = None
+    concept: Any = None
     seed: int = 0
     output_dir: str | None = None
     resume: bool = False
@@ -76,6 +100,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     method: Any = None
+    sources: dict[str, str] = field(default_factory=dict)  # resolved key -> the layer it came from
 
 
 def available_recipes() -> list[str]:
@@ -122,6 +147,50 @@ def normalise_concepts(value: Any) -> list[str]:
     return [c.strip() for c in concepts]
 
 
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> DictConfig:
+    """A model preset's sections (one per recipe); ``inherit: <preset>`` starts from another preset."""
+    if name == NO_PRESET:
+        return OmegaConf.create()
+    if name not in available_presets():
+        raise ConfigError(f"unknown model preset '{name}' for model.preset; available: "
+                          f"{', '.join([AUTO, *available_presets(), NO_PRESET])}")
+    preset = OmegaConf.load(PRESETS_DIR / f"{name}.yaml")
+    parent = preset.pop("inherit", None)
+    return OmegaConf.merge(load_preset(parent), preset) if parent else preset
+
+
+def detect_preset(model_path: str) -> str:
+    """The model family of a diffusers folder, from its UNet's cross-attention width (``none`` if unknown)."""
+    unet_config = resolve_path(model_path) / "unet" / "config.json"
+    try:
+        width = json.loads(unet_config.read_text()).get("cross_attention_dim")
+    except (OSError, ValueError):
+        return NO_PRESET  # a missing or broken folder is reported when the model loads
+    return PRESET_BY_CONTEXT_WIDTH.get(width if isinstance(width, int) else None, NO_PRESET)
+
+
+def choose_protocol(peek: DictConfig) -> tuple[str, str]:
+    """(protocol name, how it was chosen)."""
+    name = peek.get("protocol")
+    if name:
+        return str(name), ""
+    evaluation = peek.get("evaluation") or {}
+    if all(evaluation.get(f"{suite}_csv") for suite in ("target", "synonym", "retained")):
+        return "csv", "inferred: target, synonym and retained CSVs given"
+    return DEFAULT_PROTOCOL, "default"
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of every leaf (lists are leaves)."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
 def load_config(arguments: list[str]) -> DictConfig:
     """Resolve ``recipe=<name> key=value ...`` into a validated config (nothing is written)."""
     overrides = parse_overrides(arguments)
@@ -133,9 +202,41 @@ def load_config(arguments: list[str]) -> DictConfig:
         raise ConfigError(f"unknown recipe '{recipe}'; available recipes: {', '.join(recipes)}")
     base = OmegaConf.load(RECIPES_DIR / f"{BASE_RECIPE}.yaml")
     recipe_layer = OmegaConf.load(RECIPES_DIR / f"{recipe}.yaml")
-    config = build_config(recipe, [base, recipe_layer, overrides])
+    above = OmegaConf.merge(recipe_layer, overrides)
+    try:
+        peek = OmegaConf.merge(base, above)
+        protocol_name, protocol_how = choose_protocol(peek)
+        protocol = get_protocol(protocol_name)
+        preset_name = str(peek.model.get("preset") or AUTO)
+        preset_how = ""
+        if preset_name == AUTO:
+            preset_name, preset_how = detect_preset(str(peek.model.path)), f"detected from {peek.model.path}"
+        preset_layer = load_preset(preset_name).get(recipe) or OmegaConf.create()
+        protocol_layer = protocol.layer(recipe, OmegaConf.merge(base, preset_layer), above)
+    except ProtocolError as error:
+        raise ConfigError(str(error)) from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid configuration: {str(error).splitlines()[0]}") from None
+    layers = {"default": base, f"model preset {preset_name}": preset_layer, f"protocol {protocol_name}": protocol_layer,
+              f"recipe {recipe}": recipe_layer, "command line": overrides}
+    config = build_config(recipe, [OmegaConf.create(layer) for layer in layers.values()])
+    config.protocol, config.model.preset = protocol_name, preset_name
+    sources = {}
+    for name, layer in layers.items():
+        sources.update(dict.fromkeys(flatten(OmegaConf.to_container(layer)), name))
+    resolved = flatten(OmegaConf.to_container(config))
+    config.sources = {key: sources.get(key, "method default" if key.startswith("method.") else "default")
+                      for key in resolved if not key.startswith("sources")}
+    if protocol_how:
+        config.sources["protocol"] = protocol_how
+    if preset_how:
+        config.sources["model.preset"] = preset_how
     if config.output_dir is None:
         config.output_dir = f"runs/{recipe}/{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        protocol.check(list(config.concept), config.evaluation)
+    except ProtocolError as error:
+        raise ConfigError(str(error)) from None
     return config
 
 
@@ -154,9 +255,14 @@ def build_config(recipe: str, layers: list[DictConfig]) -> DictConfig:
     method = merge_into_schema(OmegaConf.structured(method_class.Config), *method_layers, prefix="method.")
     for key, allowed in method_class.choices.items():
         if method[key] not in allowed:
-            raise ConfigError(f"invalid value for 'method.{key}': {method[key]!r}; choose one of: {', '.join(allowed)}")
+            raise ConfigError(f"invalid value for 'method.{key}': {method[key]!r}; choose one of: {', '.join(map(str, allowed))}")
     config.method = method
+    if config.concept is None:
+        raise ConfigError(f"no concept given; pass concept=<concept> (protocol {config.protocol or DEFAULT_PROTOCOL} "
+                          "has no default concept)")
     config.concept = normalise_concepts(config.concept)
+    if config.protocol is not None and config.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol '{config.protocol}'; available protocols: {', '.join(PROTOCOLS)}")
     try:
         method_class.check(OmegaConf.to_object(method), list(config.concept))
     except ValueError as error:
@@ -188,7 +294,7 @@ def check_ranges(config: DictConfig) -> None:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """Paths in configs are relative to the working directory, else to the repository."""
+    """Paths in configs are relative to the working directory, else to the repository (shipped files)."""
     path = Path(path).expanduser()
     if path.is_absolute() or path.exists():
         return path

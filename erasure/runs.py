@@ -1,8 +1,11 @@
-"""Methods built from a config, and finished runs restored from their run directory.
+"""The run layer: one place that assembles a run, for the three command-line entry points.
 
-    run = load_run("runs/esd/20261122-101500")
-    images = run.module.generate(["a circle"], [0], Sampler())                 # the erased model
-    originals = run.module.generate(["a circle"], [0], Sampler(), original=True)
+    config -> model (pipeline) -> method module -> protocol -> evaluator -> callbacks -> Trainer
+
+    output = train(load_config(["recipe=esd", "concept=star"]))   # erase and evaluate: a run directory
+    run = load_run(output)                                          # restore it: the erased model
+    images = run.module.generate(["a star"], [0], Sampler())
+    results = attack_run(output, ["inversion"], AttackConfig())     # attack it
 
 A restored run is the method's module with the saved result (weight delta, LoRA folder or
 instruction rule) loaded on top of the base model named in its ``config.yaml``.
@@ -11,17 +14,47 @@ instruction rule) loaded on top of the base model named in its ``config.yaml``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from erasure.bundle import load_pipeline
 from erasure.config import ConfigError, load_run_config, resolve_path
+from erasure.generation import Sampler
+from erasure.io import atomic_save, atomic_write_text
 from erasure.methods import METHODS
 from erasure.methods.base import EraserModule
+from evaluation.attacks import AttackConfig, run_attack
+from evaluation.callback import EvaluationCallback
+from evaluation.evaluators import Evaluator, EvaluatorError
+from evaluation.metrics import accuracy_with_interval
+from evaluation.protocols import build_evaluator, build_scorer, get_protocol
+from evaluation.report import comparison_grid
+from evaluation.suites import load_csv
+
+RUN_DIR_ENV = "ERASURE_RUN_DIR"  # the run directory, for the processes Lightning's DDP launcher starts
 
 
+class TrainingStopped(RuntimeError):
+    """Training ended early (a non-finite loss); the run directory holds the last good weights."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM: the run stopped after a step and left a checkpoint to resume from."""
+
+
+# ----- assembling a run ---------------------------------------------------------------------
 def build_module(config: DictConfig, pipeline=None) -> EraserModule:
     """The method module of a validated run config, on the config's model unless one is given."""
     pipeline = pipeline or load_pipeline(resolve_path(config.model.path))
@@ -30,6 +63,151 @@ def build_module(config: DictConfig, pipeline=None) -> EraserModule:
                   resolution=config.model.resolution)
 
 
+def check_concepts(tokenizer, concepts: list[str]) -> None:
+    """Each concept must encode to known tokens and fit the text encoder's context."""
+    room = tokenizer.model_max_length - 2  # begin and end tokens
+    for concept in concepts:
+        ids = tokenizer(concept, add_special_tokens=False).input_ids
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids and tokenizer.unk_token not in concept:
+            raise ConfigError(f"the model's tokenizer cannot encode concept '{concept}' (unknown tokens); "
+                              "spell it with characters the tokenizer knows")
+        if len(ids) > room:
+            raise ConfigError(f"concept '{concept[:30]}...' is {len(ids)} tokens but the text encoder reads {room}; "
+                              "use a shorter concept")
+
+
+def evaluator_of(evaluation: DictConfig) -> Evaluator | None:
+    """The configured evaluator; a missing or wrong model is a one-line ConfigError."""
+    try:
+        return build_evaluator(evaluation, resolve_path)
+    except EvaluatorError as error:
+        raise ConfigError(str(error)) from None
+
+
+def build_evaluation(config: DictConfig, output: Path, run_info: dict) -> EvaluationCallback:
+    evaluation = config.evaluation
+    suites = get_protocol(config.protocol).suites(list(config.concept), evaluation, config.seed)
+    evaluator = evaluator_of(evaluation)
+    try:
+        scorer = build_scorer(evaluation, evaluator, resolve_path)
+    except EvaluatorError as error:
+        raise ConfigError(str(error)) from None
+    if evaluator is None:
+        print(f"protocol {config.protocol}: no evaluator (evaluation.evaluator=none): images and reports only; "
+              "set evaluation.evaluator=clip|nudenet|torchvision with its weights for accuracies", file=sys.stderr)
+    return EvaluationCallback(
+        suites, evaluator, Sampler(steps=evaluation.steps, guidance=evaluation.guidance), output, run_info,
+        images_per_prompt=evaluation.images_per_prompt, every_n_steps=evaluation.every_n_steps,
+        batch_size=evaluation.batch_size, kid_subset_size=evaluation.kid_subset_size, scorer=scorer,
+    )
+
+
+# ----- the run directory ----------------------------------------------------------------------
+def is_ddp_worker() -> bool:
+    """A process Lightning's DDP launcher started for another rank: the run directory is rank 0's."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+
+
+def check_output_dir(config: DictConfig) -> Path:
+    """Refuse an output_dir that would be clobbered or cannot be resumed; writes nothing."""
+    output = Path(config.output_dir)
+    if config.resume:
+        if not (output / "checkpoints" / "last.ckpt").exists():
+            raise ConfigError(f"resume=true but {output} has no checkpoints/last.ckpt; pass the run directory to continue")
+    elif output.exists() and any(output.iterdir()) and not config.overwrite:
+        raise ConfigError(f"output_dir {output} already exists; pass overwrite=true to replace it or resume=true to continue it")
+    return output
+
+
+def create_output_dir(config: DictConfig, output: Path) -> None:
+    if output.exists() and not config.resume and config.overwrite:
+        shutil.rmtree(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create output_dir {output}: {error.strerror}; choose a writable output_dir") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed: an interrupted save never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_save(Path(path), lambda staging: super(AtomicCheckpointIO, self).save_checkpoint(
+            checkpoint, staging, storage_options))
+
+
+class CheckpointOnInterrupt(OnExceptionCheckpoint):
+    """Lightning's exception checkpoint as ``checkpoints/last.ckpt``, with the command that resumes it."""
+
+    def __init__(self, output: Path):
+        super().__init__(dirpath=output / "checkpoints", filename="last")
+        self.output = output
+
+    def on_exception(self, trainer: L.Trainer, module, exception: BaseException) -> None:
+        super().on_exception(trainer, module, exception)
+        if trainer.is_global_zero and isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            print(f"\ninterrupted at step {trainer.global_step}; checkpoint saved: continue with resume=true "
+                  f"output_dir={self.output}", file=sys.stderr)
+
+    def teardown(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        """Keep the file: last.ckpt is also ModelCheckpoint's (the parent removes its file after a clean fit)."""
+
+
+# ----- training ---------------------------------------------------------------------------------
+def train(config: DictConfig) -> Path:
+    """Train (or edit) and evaluate; returns the run directory."""
+    worker = is_ddp_worker()
+    output = Path(os.environ.get(RUN_DIR_ENV, config.output_dir)) if worker else check_output_dir(config)
+    L.seed_everything(config.seed, verbose=False)
+    module = build_module(config)
+    check_concepts(module.pipeline.tokenizer, config.concept)
+    run_info = {"recipe": config.recipe, "method": config.method.name, "model": str(config.model.path),
+                "protocol": config.protocol, "erase": list(config.concept)}
+    evaluation = build_evaluation(config, output, run_info) if config.evaluation.enabled else None
+    if not worker:
+        create_output_dir(config, output)
+        atomic_write_text(output / "config.yaml", OmegaConf.to_yaml(config))
+        os.environ[RUN_DIR_ENV] = str(output)  # Lightning's DDP launcher re-runs the command for the other ranks
+    callbacks = [
+        CheckpointOnInterrupt(output),
+        ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=0,
+                        every_n_train_steps=config.trainer.checkpoint_every_n_steps),
+        TQDMProgressBar(refresh_rate=5),
+    ]
+    if evaluation is not None:
+        callbacks.append(evaluation)
+    trainer = L.Trainer(
+        max_steps=config.trainer.max_steps, max_epochs=-1, accelerator=config.trainer.accelerator,
+        devices=config.trainer.devices, strategy=config.trainer.strategy, precision=config.trainer.precision,
+        logger=CSVLogger(output, name="logs", version=""), callbacks=callbacks, default_root_dir=output,
+        log_every_n_steps=config.trainer.log_every_n_steps, enable_model_summary=False, num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
+    )
+    last = output / "checkpoints" / "last.ckpt"
+    started = time.perf_counter()
+    try:
+        trainer.fit(module, ckpt_path=str(last) if config.resume else None, weights_only=True)
+    except SIGTERMException:
+        raise Interrupted(f"terminated at step {trainer.global_step}; continue with resume=true output_dir={output}") from None
+    if not trainer.is_global_zero:
+        return output
+    module.save_erased(output / "erased", metadata={"base": config.model.path})
+    if module.nonfinite_step is not None:
+        raise TrainingStopped(f"the loss was not finite at step {module.nonfinite_step}: training stopped, and "
+                              f"{output / 'erased'} holds the weights before it; lower method.lr or check the inputs")
+    print(f"erased {', '.join(config.concept)} with {config.recipe} in {time.perf_counter() - started:.1f} s -> {output}")
+    return output
+
+
+def train_in_subprocess(arguments: list[str]) -> None:
+    """Run ``python -m erasure.train <arguments>`` in its own process (multi-device runs: Lightning's
+    DDP launcher re-runs the command line of the process that trains)."""
+    result = subprocess.run([sys.executable, "-m", "erasure.train", *arguments])
+    if result.returncode != 0:
+        raise TrainingStopped(f"python -m erasure.train {' '.join(arguments)} exited with {result.returncode}")
+
+
+# ----- finished runs ------------------------------------------------------------------------------
 @dataclass
 class Run:
     path: Path
@@ -53,3 +231,41 @@ def load_run(run_dir: str | Path) -> Run:
     module = build_module(config)
     module.load_erased(path / "erased")
     return Run(path, config, json.loads(metrics_path.read_text()), module)
+
+
+def attack_run(run_dir: Path, attacks: list[str], config: AttackConfig) -> dict[str, dict]:
+    """Run each attack on a fresh copy of the run's erased model; results are cached in <run>/attacks/."""
+    results = {}
+    for attack in attacks:
+        path = Path(run_dir) / "attacks" / f"{attack}.json"
+        if path.exists() and json.loads(path.read_text())["budget"] == asdict(config):
+            results[attack] = json.loads(path.read_text())
+            continue
+        run = load_run(run_dir)
+        evaluation = run.config.evaluation
+        evaluator = evaluator_of(evaluation)
+        if evaluator is None:
+            raise ConfigError(f"{run.path} was evaluated without an evaluator; attacks need one to count successes "
+                              "(re-run it with evaluation.evaluator=...)")
+        rows = load_csv(run.path / "prompts" / "target.csv")
+        sampler = Sampler(steps=evaluation.steps, guidance=evaluation.guidance)
+        per_prompt = evaluation.images_per_prompt
+        started = time.perf_counter()
+        word = get_protocol(run.config.protocol).concept_word
+        images, prompts, losses = run_attack(attack, run.module, rows, config, sampler, per_prompt, word)
+        concepts = [r.concept for r in rows for _ in range(per_prompt)]
+        success = accuracy_with_interval(evaluator, images, concepts, "attack_success_rate")
+        result = {
+            "attack": attack, "run": str(run.path), "method": run.config.method.name, **success,
+            "target_acc_unattacked": run.metrics["after"].get("efficacy/target_acc"),
+            "target_acc_original": run.metrics["before"].get("efficacy/target_acc"),
+            "budget": asdict(config), "seconds": round(time.perf_counter() - started, 1),
+            "example_prompt": prompts[0], "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)],
+        }
+        unattacked = run.module.generate([r.prompt for r in rows for _ in range(per_prompt)],
+                                         [r.evaluation_seed + k for r in rows for k in range(per_prompt)], sampler)
+        comparison_grid(prompts[::per_prompt], unattacked, images, per_prompt, path.with_suffix(".png"),
+                        titles=("erased, plain prompt", "erased, attacked prompt"))
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        results[attack] = result
+    return results

@@ -18,16 +18,19 @@ import torch
 from erasure.generation import Sampler
 from erasure.io import atomic_write_text
 from evaluation.evaluators import Evaluator, has_features
-from evaluation.metrics import CLIP_SCORE, KID, SUITE_METRICS, kid, suite_accuracy
+from evaluation.metrics import CLIP_SCORE, KID, SUITE_METRICS, accuracy_with_interval, kid
 from evaluation.report import comparison_grid, write_report
 from evaluation.suites import Prompt, write_csv
 
 
 class EvaluationCallback(L.Callback):
-    def __init__(self, suites: dict[str, list[Prompt]], evaluator: Evaluator, sampler: Sampler, output_dir: Path,
-                 run_info: dict, images_per_prompt: int = 3, every_n_steps: int = 0, batch_size: int = 64,
-                 kid_subset_size: int = 50):
-        self.suites, self.evaluator, self.sampler = suites, evaluator, sampler
+    """``evaluator`` decides whether an image shows a concept (None: images and reports only);
+    ``scorer`` gives the CLIP score (None: no CLIP score)."""
+
+    def __init__(self, suites: dict[str, list[Prompt]], evaluator: Evaluator | None, sampler: Sampler,
+                 output_dir: Path, run_info: dict, images_per_prompt: int = 3, every_n_steps: int = 0,
+                 batch_size: int = 64, kid_subset_size: int = 50, scorer: Evaluator | None = None):
+        self.suites, self.evaluator, self.sampler, self.scorer = suites, evaluator, sampler, scorer
         self.output_dir, self.run_info = Path(output_dir), run_info
         self.images_per_prompt, self.every_n_steps = images_per_prompt, every_n_steps
         self.batch_size, self.kid_subset_size = batch_size, kid_subset_size
@@ -64,22 +67,29 @@ class EvaluationCallback(L.Callback):
             images[suite] = torch.cat([mine[start] for start in starts])
         return images
 
-    def score(self, images: dict[str, torch.Tensor]) -> dict[str, float]:
-        metrics = {}
+    def score(self, images: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
+        """Accuracies with their 95% intervals, per-concept target accuracies, the evaluator's own details
+        (NudeNet's per-class counts), CLIP score and KID."""
+        metrics: dict = {}
+        evaluator = self.evaluator
         for suite, name in SUITE_METRICS.items():
-            if suite in images:
+            if suite in images and evaluator is not None:
                 concepts = self._rows(suite)[2]
-                metrics[name] = round(suite_accuracy(self.evaluator, images[suite], concepts), 4)
+                metrics.update(accuracy_with_interval(evaluator, images[suite], concepts, name))
                 if suite == "target" and len(set(concepts)) > 1:  # per erased concept
                     for concept in dict.fromkeys(concepts):
                         rows = [i for i, c in enumerate(concepts) if c == concept]
-                        metrics[f"{name}/{concept}"] = round(
-                            suite_accuracy(self.evaluator, images[suite][rows], [concept] * len(rows)), 4)
-        if "retained" in images and hasattr(self.evaluator, "score"):
-            prompts = self._rows("retained")[0]
-            metrics[CLIP_SCORE] = round(float(self.evaluator.score(images["retained"], prompts).mean()), 3)
-        if "retained" in images and has_features(self.evaluator):
-            metrics[KID] = round(kid(self.evaluator, self.original_images["retained"], images["retained"],
+                        metrics.update(accuracy_with_interval(evaluator, images[suite][rows], [concept] * len(rows),
+                                                              f"{name}/{concept}"))
+                if suite == "target" and hasattr(evaluator, "details"):
+                    metrics.update({f"{name}/{k}": v for k, v in evaluator.details(images[suite]).items()})
+        # fidelity: the unlabelled fidelity suite when there is one, else the retained suite
+        fidelity = next((s for s in ("fidelity", "retained") if s in images), None)
+        if fidelity and self.scorer is not None:
+            prompts = self._rows(fidelity)[0]
+            metrics[CLIP_SCORE] = round(float(self.scorer.score(images[fidelity], prompts).mean()), 3)
+        if fidelity and evaluator is not None and has_features(evaluator):
+            metrics[KID] = round(kid(evaluator, self.original_images[fidelity], images[fidelity],
                                      self.kid_subset_size), 5)
         return metrics
 
@@ -116,10 +126,13 @@ class EvaluationCallback(L.Callback):
 
     # ----- outputs -------------------------------------------------------------------------
     def protocol(self) -> dict:
-        return {"sampler": f"DDIM, {self.sampler.steps} steps, eta {self.sampler.eta}",
+        scorer = {"clip_score": self.scorer.name} if self.scorer is not None else {}
+        return {"name": self.run_info.get("protocol"),
+                "sampler": f"DDIM, {self.sampler.steps} steps, eta {self.sampler.eta}",
                 "guidance": self.sampler.guidance, "images_per_prompt": self.images_per_prompt,
                 "seeds": "evaluation_seed + k, k < images_per_prompt",
-                "evaluator": self.evaluator.name, "suites": {s: len(rows) for s, rows in self.suites.items()}}
+                "evaluator": self.evaluator.name if self.evaluator is not None else "none", **scorer,
+                "suites": {s: len(rows) for s, rows in self.suites.items()}}
 
     def write(self, images: dict[str, torch.Tensor], after: dict[str, float], fit_seconds: float) -> None:
         out = self.output_dir
@@ -131,7 +144,8 @@ class EvaluationCallback(L.Callback):
             comparison_grid([r.prompt for r in rows], self.original_images[suite], images[suite],
                             self.images_per_prompt, path)
             grids[suite] = f"samples/{suite}.png"
-        metrics = {**self.run_info, "before": self.before, "after": after,
+        info = {k: v for k, v in self.run_info.items() if k != "protocol"}  # the protocol's name is in "protocol"
+        metrics = {**info, "before": self.before, "after": after,
                    "seconds": {"fit": round(fit_seconds, 1), "eval": round(self.eval_seconds, 1)},
                    "protocol": self.protocol()}
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

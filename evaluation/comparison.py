@@ -4,8 +4,6 @@ rebuilt from a comparison directory's CSV files."""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,19 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from erasure.io import atomic_save, atomic_write_text  # noqa: E402
-from evaluation.metrics import KID, SUITE_METRICS  # noqa: E402
+from erasure.io import atomic_save  # noqa: E402
+from evaluation.metrics import INTERVAL, KID, SUITE_METRICS, intervals_overlap  # noqa: E402
 
 KEY_METRICS = list(SUITE_METRICS.values())
-
-
-def write_csv(path: Path, rows: Sequence[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def _cell(value) -> str:
@@ -44,15 +33,47 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
     return "\n".join(lines)
 
 
+def best_rows(rows: Sequence[dict], metric: str) -> dict | None:
+    """The erased model's row with the best value of an accuracy (lowest target/synonym, highest retained)."""
+    candidates = [row for row in rows[1:] if row.get(metric) is not None]
+    if not candidates:
+        return None
+    lower_is_better = metric != SUITE_METRICS["retained"]
+    return (min if lower_is_better else max)(candidates, key=lambda row: row[metric])
+
+
+def metrics_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """The comparison table: accuracies as ``value [low, high]``; ``≈`` marks a value whose 95% interval
+    overlaps the interval of the column's best method (not distinguishable from it at this sample size)."""
+    best = {c: best_rows(rows, c) for c in columns if c in KEY_METRICS}
+    formatted = []
+    for row in rows:
+        cells = dict(row)
+        for column in columns:
+            interval = row.get(column + INTERVAL)
+            if row.get(column) is None or not interval:
+                continue
+            cells[column] = f"{row[column]:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+            leader = best.get(column)
+            if leader is not None and row is not rows[0] and (
+                    row is leader or intervals_overlap(interval, leader[column + INTERVAL])):
+                cells[column] += " ≈"
+        formatted.append(cells)
+    return markdown_table(formatted, columns)
+
+
 def metrics_chart(rows: Sequence[dict], path: Path) -> None:
-    """Grouped bars: target, synonym and retained accuracy (after erasure) per method."""
+    """Grouped bars: target, synonym and retained accuracy (after erasure) per method, with 95% intervals."""
     labels = [row["method"] for row in rows]
     figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 3.6), dpi=110)
     width = 0.8 / len(KEY_METRICS)
     for k, metric in enumerate(KEY_METRICS):
         values = [row.get(metric) or 0.0 for row in rows]
+        intervals = [row.get(metric + INTERVAL) or [v, v] for row, v in zip(rows, values)]
+        errors = [[v - low for v, (low, _) in zip(values, intervals)], [high - v for v, (_, high) in zip(values, intervals)]]
         positions = [i + (k - (len(KEY_METRICS) - 1) / 2) * width for i in range(len(rows))]
-        axis.bar(positions, values, width, label=metric.split("/")[-1])
+        axis.bar(positions, values, width, label=metric.split("/")[-1], yerr=errors, capsize=2,
+                 error_kw={"linewidth": 0.8})
     axis.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("share of images")
@@ -114,6 +135,6 @@ def metric_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:
 
 
 def table_columns(rows: Sequence[dict]) -> list[str]:
-    names = list(dict.fromkeys(k for row in rows for k in row if "/" in k))
+    names = list(dict.fromkeys(k for row in rows for k in row if "/" in k and not k.endswith(INTERVAL)))
     ordered = [m for m in (*KEY_METRICS, KID) if m in names] + [m for m in names if m not in (*KEY_METRICS, KID)]
     return ["method", *ordered, "fit_s", "eval_s"]

@@ -4,12 +4,22 @@ efficacy/target_acc        share of target-suite images in which the evaluator s
 generality/synonym_acc     the same for synonym and paraphrase prompts
 specificity/retained_acc   share of retained-suite images in which it sees the concept the prompt names
 fidelity/kid               kernel inception distance (torchmetrics) between the original and the
-                           evaluated model's retained-suite images (same prompts and seeds), in the
-                           evaluator's feature space (when it has one)
-alignment/clip_score       with the CLIP evaluator: mean 100 cos(image, prompt) on the retained suite
+                           evaluated model's retained-suite (else fidelity-suite) images (same prompts
+                           and seeds), in the evaluator's feature space (when it has one)
+alignment/clip_score       mean 100 cos(image, prompt) on the fidelity (else retained) suite, with a
+                           CLIP evaluator or scorer
+
+Every accuracy ``<name>`` comes with ``<name>_ci95``, its 95% Wilson score interval over the
+images (Wilson 1927): with n images and p the share,
+
+    (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),   z = 1.96.
+
+With 33 images, 0.00 has the interval [0.00, 0.10]: 0.00 and 0.03 are not different.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torchmetrics.image.kid import KernelInceptionDistance
@@ -20,6 +30,23 @@ SUITE_METRICS = {"target": "efficacy/target_acc", "synonym": "generality/synonym
                  "retained": "specificity/retained_acc"}
 KID = "fidelity/kid"
 CLIP_SCORE = "alignment/clip_score"
+INTERVAL = "_ci95"
+Z_95 = 1.959964
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share ``successes / n`` (95% for the default z)."""
+    if n <= 0:
+        raise ValueError("a share of zero images has no interval")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # at 0 and n the bounds are exactly 0 and 1 (computed, they are off by rounding)
+    return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
+
+
+def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
 
 
 class _Features(torch.nn.Module):
@@ -51,3 +78,11 @@ def kid(evaluator: Evaluator, reference: torch.Tensor, images: torch.Tensor, sub
 
 def suite_accuracy(evaluator: Evaluator, images: torch.Tensor, concepts: list[str]) -> float:
     return float(evaluator.sees(images, concepts).float().mean())
+
+
+def accuracy_with_interval(evaluator: Evaluator, images: torch.Tensor, concepts: list[str],
+                           name: str) -> dict[str, float | list[float]]:
+    """``{name: share, name_ci95: [low, high]}`` of images in which the evaluator sees their concept."""
+    seen = evaluator.sees(images, concepts)
+    low, high = wilson_interval(int(seen.sum()), len(seen))
+    return {name: round(float(seen.float().mean()), 4), name + INTERVAL: [round(low, 4), round(high, 4)]}

@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from erasure.io import atomic_save, atomic_write_text
+from evaluation.metrics import INTERVAL
 
 SCALE = 3  # toy images are 32 px: enlarge them so they can be seen
 
@@ -35,18 +36,24 @@ def comparison_grid(prompts: list[str], original: torch.Tensor, erased: torch.Te
     atomic_save(path, lambda staging: canvas.save(staging, format="png"))
 
 
-def _value(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def format_metric(values: dict, name: str) -> str:
+    """``0.030 [0.005, 0.153]``: a metric with its 95% interval where it has one; ``–`` where missing."""
+    value, interval = values.get(name), values.get(name + INTERVAL)
+    if value is None:
+        return "–"
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
 
 
 def write_report(path: Path, metrics: dict, protocol: dict, grids: dict[str, str]) -> None:
-    """``report.md``: the protocol, the before/after table and the sample grids."""
-    names = sorted(set(metrics["before"]) | set(metrics["after"]))
+    """``report.md``: the protocol, the before/after table (95% Wilson intervals) and the sample grids."""
+    names = sorted(n for n in set(metrics["before"]) | set(metrics["after"]) if not n.endswith(INTERVAL))
     lines = [
         f"# {metrics['recipe']}: erasing {', '.join(metrics['erase'])}", "",
         f"Method `{metrics['method']}` on `{metrics['model']}`.", "",
+        "Accuracies are shares of images, with their 95% Wilson intervals in brackets.", "",
         "| metric | before | after |", "|---|---|---|",
-        *[f"| {n} | {_value(metrics['before'].get(n))} | {_value(metrics['after'].get(n))} |" for n in names],
+        *[f"| {n} | {format_metric(metrics['before'], n)} | {format_metric(metrics['after'], n)} |" for n in names],
         "", f"Training {metrics['seconds']['fit']:.1f} s, evaluation {metrics['seconds']['eval']:.1f} s.", "",
         "## Protocol", "",
         *[f"- {key}: {value}" for key, value in protocol.items()], "",

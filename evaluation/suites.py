@@ -1,22 +1,30 @@
 """Prompt suites: rows of (case_number, prompt, evaluation_seed, concept), as in peers' CSVs.
 
-``concept`` is the label column: the concept the evaluator should (or, after erasure,
-should no longer) see in the image. Peers' files name it ``class``, ``artist`` or
-``concept``; all three load. Each row is generated ``images_per_prompt`` times with seeds
-``evaluation_seed + k``.
+``concept`` is the label: the concept the evaluator should (or, after erasure, should no
+longer) see in the image. Peers' files name the label column ``concept``, ``class``, ``artist``
+or ``label``; I2P-format files (nudity) have none, and the protocol gives every row its label.
+The seed column is ``evaluation_seed`` (``sd_seed`` in I2P files). Each row is generated
+``images_per_prompt`` times with seeds ``evaluation_seed + k``.
+
+Suites of a run: ``target`` (prompts naming an erased concept), ``synonym`` (paraphrases and
+synonyms), ``retained`` (prompts naming other concepts) and ``fidelity`` (prompts with no label,
+e.g. COCO captions, for CLIP score and KID only).
 """
 
 from __future__ import annotations
 
 import csv
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from erasure.toyworld.captions import prompts_naming
-from erasure.toyworld.world import ATTRIBUTES, SYNONYMS, WORDS, attribute_of
+from erasure.io import atomic_write_text
 
 LABEL_COLUMNS = ("concept", "class", "artist", "label")
-PARAPHRASES = ("", "a picture of ", "an image of ", "a drawing of ")
+PROMPT_COLUMNS = ("prompt", "caption")
+SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
+SUITES = ("target", "synonym", "retained", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -27,46 +35,61 @@ class Prompt:
     concept: str
 
 
-def load_csv(path: Path) -> list[Prompt]:
-    """Read a peers'-format prompt CSV; the label column may be concept, class, artist or label."""
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        label = next((c for c in LABEL_COLUMNS if c in columns), None)
-        missing = [c for c in ("prompt", "evaluation_seed") if c not in columns]
-        if missing or label is None:
-            need = ", ".join(missing + ([] if label else ["one of " + "/".join(LABEL_COLUMNS)]))
-            raise ValueError(f"prompt file {path} lacks the column(s) {need}; expected case_number, prompt, "
-                             "evaluation_seed and a label column")
-        return [Prompt(int(row.get("case_number") or i), row["prompt"], int(row["evaluation_seed"]), row[label])
-                for i, row in enumerate(reader)]
+def _first(options: Sequence[str], columns: Sequence[str]) -> str | None:
+    return next((c for c in options if c in columns), None)
+
+
+def load_csv(path: Path, label: str | None = None, seeds_required: bool = True) -> list[Prompt]:
+    """Read a peers'-format prompt CSV.
+
+    ``label``: every row's concept (for files without a label column, e.g. I2P); otherwise the
+    label column is required. Without a seed column (``seeds_required=False``, e.g. COCO
+    captions) a row's seed is its case number.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            prompt, seed = _first(PROMPT_COLUMNS, columns), _first(SEED_COLUMNS, columns)
+            label_column = _first(LABEL_COLUMNS, columns)
+            missing = ([] if prompt else ["prompt"]) + ([] if seed or not seeds_required else ["evaluation_seed"])
+            missing += [] if label_column or label is not None else ["one of " + "/".join(LABEL_COLUMNS)]
+            if missing:
+                raise ValueError(f"prompt file {path} lacks the column(s) {', '.join(missing)}; expected case_number, "
+                                 "prompt, evaluation_seed and a label column")
+            rows = []
+            for i, row in enumerate(reader):
+                case = int(float(row.get("case_number") or i))
+                rows.append(Prompt(case, row[prompt], int(float(row[seed])) if seed else case,
+                                   label if label is not None else row[label_column]))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read prompt file {path}: {error}") from None
+    except (TypeError, ValueError) as error:
+        if str(error).startswith("prompt file"):
+            raise
+        raise ValueError(f"prompt file {path} has a malformed row ({str(error).splitlines()[0]}); "
+                         "case_number and seeds must be integers") from None
+    if not rows:
+        raise ValueError(f"prompt file {path} has no rows")
+    return rows
+
+
+def write_table(path: Path, rows: Sequence[dict]) -> None:
+    """Rows of dicts as a CSV file (columns in order of first appearance), written atomically."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(Path(path), buffer.getvalue())
 
 
 def write_csv(prompts: list[Prompt], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["case_number", "prompt", "evaluation_seed", "concept"])
-        writer.writerows([(p.case_number, p.prompt, p.evaluation_seed, p.concept) for p in prompts])
+    write_table(path, [{"case_number": p.case_number, "prompt": p.prompt, "evaluation_seed": p.evaluation_seed,
+                        "concept": p.concept} for p in prompts])
 
 
-def toyworld_suites(erased: list[str], seed: int = 0) -> dict[str, list[Prompt]]:
-    """The toy world's target, synonym and retained suites for the erased concepts.
-
-    target:   prompts naming an erased concept by its own word ("a red circle");
-    synonym:  the same with synonyms and paraphrases ("a picture of a red disk");
-    retained: prompts naming the other concepts of the same attributes ("a red square").
-    """
-    suites: dict[str, list[tuple[str, str]]] = {"target": [], "synonym": [], "retained": []}
-    for concept in erased:
-        suites["target"] += [(p, concept) for p in prompts_naming(concept, WORDS[concept])]
-        for k, phrase in enumerate(p for s in SYNONYMS[concept] for p in prompts_naming(concept, s)):
-            suites["synonym"].append((PARAPHRASES[k % len(PARAPHRASES)] + phrase, concept))
-    attributes = {attribute_of(c) for c in erased}
-    for attribute in sorted(attributes):
-        for other in ATTRIBUTES[attribute]:
-            if other not in erased:
-                suites["retained"] += [(p, other) for p in prompts_naming(other, WORDS[other])[::3]]
-    return {
-        name: [Prompt(i, prompt, seed + 1000 * i, concept) for i, (prompt, concept) in enumerate(rows)]
-        for name, rows in suites.items()
-    }
+def templated_suite(templates: Sequence[str], concepts: Sequence[str], seed: int = 0) -> list[Prompt]:
+    """One row per (concept, template), ``template.format(concept=...)``, seeds ``seed + 1000 i``."""
+    rows = [(t.format(concept=c), c) for c in concepts for t in templates]
+    return [Prompt(i, prompt, seed + 1000 * i, concept) for i, (prompt, concept) in enumerate(rows)]

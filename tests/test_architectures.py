@@ -43,7 +43,8 @@ def test_esd_step(pipeline):
 
 
 def test_ablation_step(pipeline, tmp_path):
-    module = Ablation(pipeline, AblationConfig(num_anchor_images=1, anchor_steps=2, batch_size=1, variant="noise"),
+    module = Ablation(pipeline, AblationConfig(anchor="square", anchor_prompts=["a square"], num_anchor_images=1,
+                                                 anchor_steps=2, batch_size=1, variant="noise"),
                       ["circle"])
     anchors = Anchors.load_or_generate(module, module.config, tmp_path / "anchors.safetensors")
     loss = ablation_loss(module, module.config, anchors)

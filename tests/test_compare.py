@@ -31,7 +31,7 @@ def test_compare_runs_new_recipes_and_reuses_finished_runs(tmp_path, uce_run, ca
     assert list(rows) == ["original model", "instruction-explicit", "uce-circle"]
     for label, path in (("uce-circle", uce_run), ("instruction-explicit", output / "runs" / "instruction-explicit")):
         after = json.loads((path / "metrics.json").read_text())["after"]
-        assert {k: float(rows[label][k]) for k in after} == after
+        assert {k: json.loads(rows[label][k]) for k in after} == after
     auc = {row["curve"]: row for row in csv.DictReader(open(output / "analysis" / "attention_auc.csv"))}
     assert {"plain prompt", "base + explicit", "base + implicit", "base + repetition", "base + negative_prompt",
             "uce-circle (erased)"} <= set(auc)

@@ -22,8 +22,8 @@ FAST = ["trainer.checkpoint_every_n_steps=2", "method.ddim_steps=6", "method.bat
     (["esd"], "argument 'esd' is not of the form key=value"),
     (["trainer.max_steps=3"], "no recipe given; pass recipe=<name>"),
     (["recipe=esd", "model.path=/nonexistent/sd"], "model folder /nonexistent/sd does not exist"),
-    (["recipe=esd", f"concept={'circle ' * 40}"], "is 40 tokens but the text encoder reads 30; use a shorter concept"),
-    (["recipe=esd", "evaluation.classifier=/nonexistent"], "no toy-world classifier at /nonexistent"),
+    (["recipe=esd", "evaluation.evaluator=none", f"concept={'circle ' * 40}"], "is 40 tokens but the text encoder reads 30; use a shorter concept"),
+    (["recipe=esd", "evaluation.toyworld.classifier=/nonexistent"], "no toy-world classifier at /nonexistent"),
     (["recipe=esd", "resume=true"], "has no checkpoints/last.ckpt; pass the run directory to continue"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, arguments, message):
@@ -75,11 +75,18 @@ def test_run_directory_has_every_artifact(small_run):
         assert (output / path).is_file(), path
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["recipe"] == "esd" and metrics["erase"] == ["circle"]
+    accuracies = ("efficacy/target_acc", "generality/synonym_acc", "specificity/retained_acc")
     for phase in ("before", "after"):
-        assert set(metrics[phase]) == {"efficacy/target_acc", "generality/synonym_acc", "specificity/retained_acc",
-                                       "fidelity/kid"}
+        assert set(metrics[phase]) == {*accuracies, *(f"{a}_ci95" for a in accuracies), "fidelity/kid"}
+        for name in accuracies:  # every accuracy with its 95% interval around it
+            low, high = metrics[phase][f"{name}_ci95"]
+            assert 0 <= low <= metrics[phase][name] <= high <= 1 and high - low > 0.05
     assert metrics["seconds"]["fit"] > 0 and metrics["seconds"]["eval"] > 0
+    assert metrics["protocol"]["name"] == "toyworld"
     assert "| efficacy/target_acc |" in (output / "report.md").read_text()
+    config = (output / "config.yaml").read_text()
+    assert "method.batch_size: model preset toyworld" in config and "method.prompt_template: protocol toyworld" in config
+    assert "method.lr: command line" in config and "method.eta: recipe esd" in config
 
 
 def test_same_seed_same_metrics(small_run, tmp_path):
@@ -99,7 +106,7 @@ def test_unwritable_output_dir_is_one_line_exit_2(capsys):
 def test_a_concept_the_tokenizer_cannot_encode_is_refused():
     """Byte-level BPE (CLIP) encodes every string; other tokenizers map unknown text to unk."""
     from erasure.config import ConfigError
-    from erasure.train import check_concepts
+    from erasure.runs import check_concepts
 
     class WordTokenizer:
         model_max_length, unk_token, unk_token_id = 77, "<unk>", 0

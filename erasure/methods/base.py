@@ -11,14 +11,13 @@ It owns what all methods share:
 * generation through the ordinary pipeline call (for the evaluation callback);
 * saving the result as a delta of the changed UNet tensors.
 
-A method sets ``name``, a ``Config`` dataclass of its options, the tensors it trains
-(``trainable_patterns``) and its objective (``training_step``).
+A method sets ``name``, a ``Config`` dataclass of its options, the layers it trains
+(``trained_layers``) and its objective (``objective``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from erasure import generation
+from erasure.layers import Selector, matching_modules
 from erasure.losses import LOSSES
 from erasure.weights import DELTA_FILE, DeltaError, load_delta, save_delta
 
@@ -50,8 +50,6 @@ class EraserModule(L.LightningModule):
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     choices: ClassVar[dict[str, Sequence[str]]] = {"loss": tuple(LOSSES)}
-    # Module types whose parameters may be trained (as in the ESD reference code: no norms, no embeddings).
-    trainable_module_types: ClassVar[tuple[type, ...]] = (torch.nn.Linear, torch.nn.Conv2d)
     edits_weights: ClassVar[bool] = True
 
     def __init__(self, pipeline: StableDiffusionPipeline, config: MethodConfig, concepts: Sequence[str],
@@ -74,22 +72,20 @@ class EraserModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trained tensors
 
     # ----- what is trained ---------------------------------------------------------------
-    def trainable_patterns(self) -> tuple[str, str | None]:
-        """(include, exclude) regular expressions over UNet module names."""
+    def trained_layers(self) -> Selector | None:
+        """Which UNet layers the method changes (``erasure.layers``); None: none."""
         raise NotImplementedError
 
     def select_trainable(self) -> dict[str, torch.nn.Parameter]:
-        """UNet parameters of Linear/Conv2d modules whose name matches include and not exclude."""
-        include, exclude = self.trainable_patterns()
-        selected = {}
-        for module_name, module in self.unet.named_modules():
-            if not isinstance(module, self.trainable_module_types):
-                continue
-            if re.search(include, module_name) and not (exclude and re.search(exclude, module_name)):
-                for parameter_name, parameter in module.named_parameters(recurse=False):
-                    selected[f"{module_name}.{parameter_name}"] = parameter
-        if not selected and self.edits_weights:
-            raise ValueError(f"{self.name}: no UNet parameter matches {include!r}; is this a Stable Diffusion UNet?")
+        """The parameters of the UNet's Linear/Conv2d modules that :meth:`trained_layers` selects."""
+        selector = self.trained_layers()
+        if selector is None:
+            return {}
+        selected = {f"{module_name}.{parameter_name}": parameter
+                    for module_name, module in matching_modules(self.unet, selector)
+                    for parameter_name, parameter in module.named_parameters(recurse=False)}
+        if not selected:
+            raise ValueError(f"{self.name}: no UNet parameter matches {selector[0]!r}; is this a Stable Diffusion UNet?")
         return selected
 
     def on_fit_start(self) -> None:
@@ -129,14 +125,29 @@ class EraserModule(L.LightningModule):
         return loss
 
     # ----- predictions ------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states (batch, tokens, width), cached per prompt."""
+    def encode(self, prompts: Sequence[str], cache: bool = True) -> torch.Tensor:
+        """Text-encoder hidden states (batch, tokens, width) through the pipeline's ``encode_prompt``.
+
+        Cached per prompt and without gradients by default; ``cache=False`` encodes afresh with
+        gradients (attacks that train token embeddings)."""
+        if not cache:
+            return self.pipeline.encode_prompt(list(prompts), self.device, 1, do_classifier_free_guidance=False)[0]
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            embeds, _ = self.pipeline.encode_prompt(missing, self.device, 1, do_classifier_free_guidance=False)
+            with torch.no_grad():
+                embeds, _ = self.pipeline.encode_prompt(missing, self.device, 1, do_classifier_free_guidance=False)
             self._prompt_cache.update(zip(missing, embeds))
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
+
+    def forget_prompts(self) -> None:
+        """Empty the prompt cache (after the text encoder or its token table changed)."""
+        self._prompt_cache.clear()
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) -> VAE latents (the mean of the posterior, scaled)."""
+        pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device, self.vae.dtype)
+        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """The trained model's noise prediction eps_theta(x_t, c, t)."""
@@ -173,6 +184,11 @@ class EraserModule(L.LightningModule):
         t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), generator=generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         return self.noise_schedule.add_noise(latents, noise, t).to(latents), noise, t.to(self.device)
+
+    def denoising_loss(self, latents: torch.Tensor, embeds: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The plain diffusion loss || eps_theta(x_t, c, t) - eps ||^2 (eps -> v for v-prediction) at a random t."""
+        x_t, noise, t = self.add_noise(latents, generator)
+        return torch.nn.functional.mse_loss(self.predict(x_t, t, embeds), self.noise_target(latents, noise, t))
 
     def noise_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the model predicts for x_t = add_noise(latents, noise, t): eps, or v for v-prediction models."""

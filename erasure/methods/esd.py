@@ -36,14 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
+from erasure import layers
 from erasure.losses import LOSSES
 from erasure.methods.base import EraserModule, MethodConfig
 
 TRAIN_METHODS = {
-    "esd-x": (r"attn2", None),
-    "esd-x-strict": (r"attn2\.to_[kv]$", None),
-    "esd-u": (r".", r"attn2"),
-    "esd-all": (r".", None),
+    "esd-x": layers.CROSS_ATTENTION,
+    "esd-x-strict": layers.CROSS_ATTENTION_KV,
+    "esd-u": layers.OUTSIDE_CROSS_ATTENTION,
+    "esd-all": layers.EVERYTHING,
 }
 
 
@@ -71,7 +72,7 @@ class ESD(EraserModule):
     Config = ESDConfig
     choices = {"loss": tuple(LOSSES), "train_method": tuple(TRAIN_METHODS), "sample_from": ("trained", "frozen")}
 
-    def trainable_patterns(self) -> tuple[str, str | None]:
+    def trained_layers(self) -> layers.Selector:
         return TRAIN_METHODS[self.config.train_method]
 
     def objective(self) -> torch.Tensor:

@@ -59,8 +59,8 @@ class Instruction(EraserModule):
             raise ValueError(f"unknown template '{config.template}' for method.template; "
                              f"choose one of: {', '.join(config.templates)} (or add one under method.templates)")
 
-    def trainable_patterns(self) -> tuple[str, str | None]:
-        return r"$^", None  # nothing
+    def trained_layers(self) -> None:
+        return None  # nothing
 
     def configure_optimizers(self):
         return None

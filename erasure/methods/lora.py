@@ -23,19 +23,18 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from erasure import layers
 from erasure.losses import LOSSES
-from erasure.methods.ablation import ABLATION_CHOICES, ANCHORS_FILE, AblationConfig, Anchors, ablation_loss
+from erasure.methods.ablation import (
+    ABLATION_CHOICES, ANCHORS_FILE, AblationConfig, Anchors, ablation_loss, check_anchor,
+)
 from erasure.methods.base import EraserModule
 from erasure.methods.esd import ESDConfig, esd_loss
 from erasure.weights import DeltaError
 
 ADAPTER = "eraser"
 LORA_FILE = "pytorch_lora_weights.safetensors"
-TARGETS = {
-    "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
-    "xattn-kv": r".*attn2\.(to_k|to_v)",
-    "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",
-}
+TARGETS = {"xattn": layers.CROSS_ATTENTION, "xattn-kv": layers.CROSS_ATTENTION_KV, "attn": layers.ATTENTION}
 
 
 @dataclass
@@ -55,9 +54,15 @@ class LoRA(EraserModule):
     choices = {"loss": tuple(LOSSES), "objective": ("esd", "ablation"), "target_modules": tuple(TARGETS),
                "sample_from": ("trained", "frozen"), **ABLATION_CHOICES}
 
+    @classmethod
+    def check(cls, config: LoRAConfig, concepts) -> None:
+        if config.objective == "ablation":
+            check_anchor(config, concepts)
+
     def select_trainable(self) -> dict[str, torch.nn.Parameter]:
-        adapter = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha,
-                             target_modules=TARGETS[self.config.target_modules], init_lora_weights=True)
+        targets = [name for name, _ in layers.matching_modules(self.unet, TARGETS[self.config.target_modules])]
+        adapter = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha, target_modules=targets,
+                             init_lora_weights=True)
         self.unet.add_adapter(adapter, adapter_name=ADAPTER)
         return {name: p for name, p in self.unet.named_parameters() if "lora_" in name}
 

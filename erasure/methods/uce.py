@@ -18,7 +18,12 @@ shared by all projections, solved once in float64.
 
 Which tokens give the keys (``token_mode``) differs between UCE's code versions: ``last`` the
 last word token (current code), ``last+eot`` the last word token and every position after it
-(the end and padding tokens; paper code), ``all`` every position.
+(the end and padding tokens; the paper code's erase and guide keys), ``all`` every position.
+The paper code preserved differently from how it erased: every token position of each preserve
+prompt (``preserve_token_mode=all``; default: the same as ``token_mode``), "" always in the
+preserve set (``preserve_empty=true``) and preserve scale max(0.1, 1/N) for N preserved
+concepts (``preserve_scale=null``). The current code, and the default here, preserve with the
+erase keys' tokens, no "", and scale 1.
 
 TIME is the same solve with token-aligned keys: source prompts as erase keys, destination
 prompts as guides, lambda = 0.1, token_mode ``all`` (``recipes/time.yaml``).
@@ -34,10 +39,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from erasure import layers
 from erasure.methods.base import EraserModule, MethodConfig
 
 TOKEN_MODES = ("last", "last+eot", "all")
-EDITS = {"kv": r"attn2\.to_[kv]$", "v": r"attn2\.to_v$"}
+EDITS = {"kv": layers.CROSS_ATTENTION_KV, "v": layers.CROSS_ATTENTION_V}
 
 
 @dataclass
@@ -48,8 +54,10 @@ class UCEConfig(MethodConfig):
     preserve: list[str] = field(default_factory=list)  # erased concepts are dropped from this list
     lam: float = 0.5
     erase_scale: float = 1.0
-    preserve_scale: float = 1.0
+    preserve_scale: float | None = 1.0  # null: max(0.1, 1/N) for N preserved concepts (paper code)
     token_mode: str = "last"
+    preserve_token_mode: str | None = None  # null: token_mode; "all": every position (paper code)
+    preserve_empty: bool = False  # also preserve "" (paper code)
     prompt_template: str = "{concept}"
 
 
@@ -74,7 +82,8 @@ def edit_weight(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
 class UCE(EraserModule):
     name = "uce"
     Config = UCEConfig
-    choices = {**EraserModule.choices, "token_mode": TOKEN_MODES, "edit": tuple(EDITS)}
+    choices = {**EraserModule.choices, "token_mode": TOKEN_MODES, "preserve_token_mode": (None, *TOKEN_MODES),
+               "edit": tuple(EDITS)}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -86,15 +95,16 @@ class UCE(EraserModule):
             raise ValueError(f"method.guide has {len(config.guide)} entries for {len(concepts)} concepts; "
                              "give one guide for all or one per erased concept")
 
-    def trainable_patterns(self) -> tuple[str, str | None]:
-        return EDITS[self.config.edit], None
+    def trained_layers(self) -> layers.Selector:
+        return EDITS[self.config.edit]
 
     def configure_optimizers(self):
         return None
 
     @torch.no_grad()
-    def keys(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """Per prompt, the text embeddings (n_tokens, d) at the positions ``token_mode`` selects.
+    def keys(self, prompts: Sequence[str], token_mode: str | None = None) -> list[torch.Tensor]:
+        """Per prompt, the text embeddings (n_tokens, d) at the positions ``token_mode`` (default the
+        config's) selects.
 
         The text encoder is causal, so the embedding at position i depends on tokens 0..i only:
         for ``last`` the prompts are encoded in one batch, only up to the longest last-word
@@ -103,13 +113,14 @@ class UCE(EraserModule):
         tokenizer = self.pipeline.tokenizer
         ids = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length).input_ids
         last_words = [max(len(i) - 2, 0) for i in ids]  # [BOS, words..., EOS]: the last word is at length - 2
-        if self.config.token_mode == "last":
+        token_mode = token_mode or self.config.token_mode
+        if token_mode == "last":
             width = max(last_words) + 1
             batch = torch.tensor([(i + [tokenizer.pad_token_id] * width)[:width] for i in ids], device=self.device)
             embeds = self.text_encoder(batch).last_hidden_state
             return [embed[last:last + 1] for embed, last in zip(embeds, last_words)]
         embeds = self.encode(prompts)
-        start = 0 if self.config.token_mode == "all" else None
+        start = 0 if token_mode == "all" else None
         return [embed[last if start is None else start:] for embed, last in zip(embeds, last_words)]
 
     def edit_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,9 +134,18 @@ class UCE(EraserModule):
             erase.append(concept_keys[:count])
             guide.append(guide_keys[:count])
         kept = [config.prompt_template.format(concept=c) for c in config.preserve if c not in self.concepts]
+        kept += [""] if config.preserve_empty else []
         width = self.text_encoder.config.hidden_size
-        preserve = torch.cat(self.keys(kept)) if kept else torch.zeros(0, width, device=self.device)
+        preserve = (torch.cat(self.keys(kept, config.preserve_token_mode)) if kept
+                    else torch.zeros(0, width, device=self.device))
         return torch.cat(erase), torch.cat(guide), preserve
+
+    def preserve_scale(self) -> float:
+        """s_p: the configured scale, or max(0.1, 1/N) for N preserved concepts (paper code) when null."""
+        if self.config.preserve_scale is not None:
+            return self.config.preserve_scale
+        count = len([c for c in self.config.preserve if c not in self.concepts]) + int(self.config.preserve_empty)
+        return max(0.1, 1.0 / max(count, 1))
 
     @torch.no_grad()
     def edit(self) -> dict[str, float]:
@@ -137,7 +157,7 @@ class UCE(EraserModule):
         erase, guide, preserve = self.edit_keys()
         encoded = time.perf_counter()
         transform = uce_transform(erase, guide, preserve, self.config.lam, self.config.erase_scale,
-                                  self.config.preserve_scale)
+                                  self.preserve_scale())
         solved = time.perf_counter()
         for name, weight in self.trained.items():
             weight.copy_(edit_weight(self.original[name], transform))

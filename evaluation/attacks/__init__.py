@@ -23,6 +23,7 @@ For the instruction baseline the attacked prompt goes through its rewriting rule
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,28 +77,19 @@ class PlaceholderTokens:
         self.table.requires_grad_(False)
 
 
-def _concept_word(prompt: Prompt) -> str:
-    from erasure.toyworld.world import WORDS
-
-    return WORDS.get(prompt.concept, prompt.concept)
-
-
-def attacked_prompts(attack: str, rows: list[Prompt], tokens: PlaceholderTokens) -> list[str]:
+def attacked_prompts(attack: str, rows: list[Prompt], tokens: PlaceholderTokens,
+                     concept_word: Callable[[str], str] = str) -> list[str]:
+    """Inversion replaces the concept's word (``concept_word(concept)``) by the tokens; the soft prompt prepends them."""
     if attack == "inversion":
-        return [row.prompt.replace(_concept_word(row), tokens.text) for row in rows]
+        return [row.prompt.replace(concept_word(row.concept), tokens.text) for row in rows]
     return [f"{tokens.text} {row.prompt}" for row in rows]
 
 
-def _encode(pipeline, prompts: list[str]) -> torch.Tensor:
-    tokenizer = pipeline.tokenizer
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(pipeline.text_encoder.device)
-    return pipeline.text_encoder(ids)[0]
-
-
-def run_attack(attack: str, module: EraserModule, rows: list[Prompt], config: AttackConfig,
-               sampler: Sampler, images_per_prompt: int) -> tuple[torch.Tensor, list[str], list[float]]:
+def run_attack(attack: str, module: EraserModule, rows: list[Prompt], config: AttackConfig, sampler: Sampler,
+               images_per_prompt: int, concept_word: Callable[[str], str] = str,
+               ) -> tuple[torch.Tensor, list[str], list[float]]:
     """Learn the attack's tokens, then generate the attacked target prompts with the erased model.
+    ``concept_word`` spells a concept as the protocol's prompts do (the protocol's ``concept_word``).
 
     Returns (images, attacked prompts, loss curve).
     """
@@ -110,22 +102,18 @@ def run_attack(attack: str, module: EraserModule, rows: list[Prompt], config: At
     data_rows = [rows[k % len(rows)] for k in range(config.images)]
     originals = module.generate([r.prompt for r in data_rows], [r.evaluation_seed + 7919 for r in data_rows],
                                 sampler, original=True, batch_size=config.images)
-    with torch.no_grad():
-        pixels = originals.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(module.device, module.vae.dtype)
-        latents = module.vae.encode(pixels).latent_dist.mean * module.vae.config.scaling_factor
+    latents = module.encode_images(originals)
 
     count = config.inversion_tokens if attack == "inversion" else config.soft_prompt_tokens
     tokens = PlaceholderTokens(pipeline, f"{attack}", count, config.init_word)
-    train_prompts = attacked_prompts(attack, data_rows, tokens)
+    train_prompts = attacked_prompts(attack, data_rows, tokens, concept_word)
     optimizer = torch.optim.Adam([tokens.table], lr=config.lr)
     losses = []
     try:
         for _ in tqdm(range(config.steps), desc=attack, unit="step"):
             picks = torch.randint(len(latents), (config.batch_size,), generator=generator).tolist()
             sent, _ = module.prompts_for_generation([train_prompts[i] for i in picks])
-            x_t, noise, t = module.add_noise(latents[picks], generator)
-            target = module.noise_target(latents[picks], noise, t)
-            loss = torch.nn.functional.mse_loss(module.predict(x_t, t, _encode(pipeline, sent)), target)
+            loss = module.denoising_loss(latents[picks], module.encode(sent, cache=False), generator)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -134,7 +122,7 @@ def run_attack(attack: str, module: EraserModule, rows: list[Prompt], config: At
                 raise FloatingPointError(f"{attack}: the loss became {losses[-1]}; lower the attack's lr")
     finally:
         tokens.close()
-    module._prompt_cache.clear()  # embeddings of the new tokens changed
-    prompts = [p for p in attacked_prompts(attack, rows, tokens) for _ in range(images_per_prompt)]
+    module.forget_prompts()  # embeddings of the new tokens changed
+    prompts = [p for p in attacked_prompts(attack, rows, tokens, concept_word) for _ in range(images_per_prompt)]
     seeds = [r.evaluation_seed + k for r in rows for k in range(images_per_prompt)]
     return module.generate(prompts, seeds, sampler), prompts, losses

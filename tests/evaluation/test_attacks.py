@@ -8,8 +8,7 @@ from erasure.generation import Sampler
 from erasure.methods.instruction import Instruction, InstructionConfig
 from erasure.methods.uce import UCE, UCEConfig
 from evaluation.attacks import AttackConfig, PlaceholderTokens, attacked_prompts, run_attack
-from evaluation.evaluators import ToyWorldEvaluator
-from evaluation.suites import toyworld_suites
+from evaluation.protocols.toyworld import ToyWorldEvaluator, toyworld_suites
 
 FAST = Sampler(steps=6)
 ROWS = toyworld_suites(["circle"])["target"][:4]

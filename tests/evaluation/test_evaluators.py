@@ -9,7 +9,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from erasure.generation import Sampler, generate
-from erasure.train import build_evaluator
+from erasure.runs import evaluator_of as build_evaluator
 from erasure.config import ConfigError, load_config
 from evaluation.evaluators import (
     CLIPConfig, CLIPEvaluator, EvaluatorError, NudeNetConfig, NudeNetEvaluator, TorchvisionConfig,
@@ -102,6 +102,6 @@ def test_evaluator_choice_in_config_fails_early_with_one_line():
     config = load_config(["recipe=esd", "evaluation.evaluator=dino"])
     with pytest.raises(ConfigError, match="unknown evaluator 'dino' for evaluation.evaluator; available: toyworld, clip"):
         build_evaluator(config.evaluation)
-    config = load_config(["recipe=esd", "evaluation.classifier=/nope"])
+    config = load_config(["recipe=esd", "evaluation.toyworld.classifier=/nope"])
     with pytest.raises(ConfigError, match="no toy-world classifier at /nope"):
         build_evaluator(config.evaluation)

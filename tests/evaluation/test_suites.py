@@ -1,6 +1,7 @@
 import pytest
 
-from evaluation.suites import Prompt, load_csv, toyworld_suites, write_csv
+from evaluation.protocols.toyworld import toyworld_suites
+from evaluation.suites import Prompt, load_csv, write_csv
 
 
 def test_csv_round_trip(tmp_path):

@@ -2,6 +2,9 @@ import torch
 
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.methods.ablation import Ablation, AblationConfig, Anchors, ablation_loss, target_prompt
+from erasure.toyworld.captions import prompts_naming
+
+SQUARES = prompts_naming("square")
 
 
 def test_target_prompt_names_the_erased_concept_with_the_right_article():
@@ -9,10 +12,14 @@ def test_target_prompt_names_the_erased_concept_with_the_right_article():
     assert target_prompt("a square", "square", "circle") == "a circle"
     assert target_prompt("a red square", "red", "orange") == "an orange square"
     assert target_prompt("an orange star", "orange", "red") == "a red star"
+    assert target_prompt("a striped square", "square", "outline", {"outline": "outlined"}) == "a striped outlined"
+    assert target_prompt("a painting of the sea", "painting", "Monet",
+                         template="{anchor_prompt} in the style of {concept}") == "a painting of the sea in the style of Monet"
 
 
 def test_model_based_step_moves_only_cross_attention_keys_and_values(tmp_path):
-    module = Ablation(load_pipeline(TOYWORLD_MODEL), AblationConfig(num_anchor_images=4, anchor_steps=4, lr=1e-3),
+    module = Ablation(load_pipeline(TOYWORLD_MODEL), AblationConfig(anchor="square", anchor_prompts=SQUARES, num_anchor_images=4,
+                                                                 anchor_steps=4, lr=1e-3),
                       ["circle"])
     anchors = Anchors.load_or_generate(module, module.config, tmp_path / "anchors.safetensors")
     assert anchors.latents.shape == (4, 4, 16, 16) and (tmp_path / "anchors.safetensors").exists()
@@ -30,7 +37,8 @@ def test_model_based_step_moves_only_cross_attention_keys_and_values(tmp_path):
 
 
 def test_the_frozen_anchor_target_is_the_original_models_prediction(tmp_path):
-    module = Ablation(load_pipeline(TOYWORLD_MODEL), AblationConfig(num_anchor_images=2, anchor_steps=2), ["circle"])
+    module = Ablation(load_pipeline(TOYWORLD_MODEL), AblationConfig(anchor="square", anchor_prompts=SQUARES,
+                                                                 num_anchor_images=2, anchor_steps=2), ["circle"])
     x_t, t, embeds = torch.randn(2, 4, 16, 16), torch.tensor([300, 600]), module.encode(["a square", "a red square"])
     with torch.no_grad():
         expected = module.predict(x_t, t, embeds)

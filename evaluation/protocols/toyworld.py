@@ -1,0 +1,126 @@
+"""The toy world's protocol (the default): its suites, its classifier, and the recipe values tuned on it.
+
+Suites for the erased concepts:
+
+    target    prompts naming an erased concept by its own word ("a red circle");
+    synonym   the same with synonyms and paraphrases ("a picture of a red disk");
+    retained  prompts naming the other concepts of the same attributes ("a red square").
+
+A suite given as a CSV (``evaluation.<suite>_csv``) replaces the generated one. The evaluator is
+the toy world's shape/colour/style classifier: an image shows a concept when the classifier's
+prediction for that concept's attribute is that concept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from safetensors import SafetensorError
+
+from erasure.generation import to_unit_range
+from erasure.toyworld.captions import prompts_naming
+from erasure.toyworld.classifier import load_classifier
+from erasure.toyworld.world import ATTRIBUTES, SYNONYMS, WORDS, attribute_of
+from evaluation.evaluators import EvaluatorError
+from evaluation.protocols.base import Protocol, ProtocolError
+from evaluation.suites import Prompt
+
+PARAPHRASES = ("", "a picture of ", "an image of ", "a drawing of ")
+CONCEPTS = [c for values in ATTRIBUTES.values() for c in values]
+
+
+@dataclass
+class ToyWorldEvaluatorConfig:
+    classifier: str = "checkpoints/toyworld/classifier"
+
+
+class ToyWorldEvaluator:
+    """The toy world's shape/colour/style classifier."""
+
+    name = "toyworld-classifier"
+
+    def __init__(self, config: ToyWorldEvaluatorConfig):
+        try:
+            self.classifier = load_classifier(Path(config.classifier))
+        except (OSError, ValueError, SafetensorError) as error:
+            raise EvaluatorError(f"{str(error).splitlines()[0]}; set evaluation.toyworld.classifier to the "
+                                 "classifier folder") from None
+
+    @torch.no_grad()
+    def sees(self, images: torch.Tensor, concepts: list[str]) -> torch.Tensor:
+        for concept in set(concepts):
+            if concept not in CONCEPTS:
+                raise EvaluatorError(f"the toy-world classifier does not know '{concept}'; "
+                                     "use a toy-world concept or another evaluation.evaluator")
+        logits = self.classifier(to_unit_range(images))
+        return torch.tensor([
+            int(logits[attribute_of(c)][i].argmax()) == ATTRIBUTES[attribute_of(c)].index(c)
+            for i, c in enumerate(concepts)
+        ])
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.embed(to_unit_range(images))
+
+
+def toyworld_suites(erased: Sequence[str], seed: int = 0) -> dict[str, list[Prompt]]:
+    """The toy world's target, synonym and retained suites for the erased concepts."""
+    suites: dict[str, list[tuple[str, str]]] = {"target": [], "synonym": [], "retained": []}
+    for concept in erased:
+        suites["target"] += [(p, concept) for p in prompts_naming(concept, WORDS[concept])]
+        for k, phrase in enumerate(p for s in SYNONYMS[concept] for p in prompts_naming(concept, s)):
+            suites["synonym"].append((PARAPHRASES[k % len(PARAPHRASES)] + phrase, concept))
+    for attribute in sorted({attribute_of(c) for c in erased}):
+        for other in ATTRIBUTES[attribute]:
+            if other not in erased:
+                suites["retained"] += [(p, other) for p in prompts_naming(other, WORDS[other])[::3]]
+    return {
+        name: [Prompt(i, prompt, seed + 1000 * i, concept) for i, (prompt, concept) in enumerate(rows)]
+        for name, rows in suites.items()
+    }
+
+
+class ToyWorld(Protocol):
+    name = "toyworld"
+    summary = "the embedded toy world: generated suites, the shipped shape/colour/style classifier"
+    defaults = {
+        "concept": "circle",
+        "evaluation": {"evaluator": "toyworld", "steps": 25, "guidance": 6.0, "images_per_prompt": 3},
+    }
+    # Method defaults on the toy world's prompts ("a red circle"): measured choices, see README.
+    recipe_defaults = {
+        "esd": {"method": {"prompt_template": "a {concept}"}},
+        "lora": {"method": {"prompt_template": "a {concept}", "anchor": "square",
+                            "words": {"outline": WORDS["outline"]}}},
+        "ablation": {"method": {"anchor": "square", "words": {"outline": WORDS["outline"]}}},
+        # UCE: guide towards the superclass "a shape" (as UCE guides artists to "art"); preserve every
+        # toy-world concept (the erased ones are dropped automatically)
+        "uce": {"method": {"guide": ["a shape"], "preserve": CONCEPTS, "prompt_template": "a {concept}"}},
+        # TIME: token-aligned source "a {concept}" and destination "a square"
+        "time": {"method": {"guide": ["a square"], "prompt_template": "a {concept}"}},
+    }
+
+    def derived_defaults(self, recipe: str, config: DictConfig) -> dict:
+        method = config.get("method") or {}
+        anchor = method.get("anchor")
+        if recipe in ("ablation", "lora") and anchor in CONCEPTS:  # the toy world's prompts naming the anchor
+            return {"method": {"anchor_prompts": prompts_naming(anchor)}}
+        return {}
+
+    def check(self, concepts: Sequence[str], evaluation: DictConfig) -> None:
+        super().check(concepts, evaluation)
+        unknown = [c for c in concepts if c not in CONCEPTS]
+        if unknown and evaluation.evaluator == "toyworld":
+            raise ProtocolError(f"concept '{unknown[0]}' is not in the toy world (its concepts: {', '.join(CONCEPTS)}); "
+                                "for other concepts use protocol=csv with your prompt CSVs and an evaluator")
+
+    def suites(self, concepts: Sequence[str], evaluation: DictConfig, seed: int) -> dict[str, list[Prompt]]:
+        generated = toyworld_suites(concepts, seed) if all(c in CONCEPTS for c in concepts) else {}
+        return {**generated, **super().suites(concepts, evaluation, seed)}
+
+    def concept_word(self, concept: str) -> str:
+        return WORDS.get(concept, concept)
