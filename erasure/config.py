@@ -235,6 +235,7 @@ def load_config(arguments: list[str]) -> DictConfig:
         config.output_dir = f"runs/{recipe}/{datetime.now():%Y%m%d-%H%M%S}"
     try:
         protocol.check(list(config.concept), config.evaluation)
+        protocol.check_method(recipe, config.method, list(config.concept))
     except ProtocolError as error:
         raise ConfigError(str(error)) from None
     return config

@@ -25,9 +25,24 @@ def architecture_config(name: str) -> dict:
     return json.loads(ARCHITECTURES[name].read_text())
 
 
-def build_random_pipeline(name: str, sample_size: int | None = None, seed: int = 0) -> StableDiffusionPipeline:
-    """The architecture ``name`` with random weights; ``sample_size`` (latent pixels) shrinks the default."""
-    config = architecture_config(name)
+def tiny(config: dict) -> dict:
+    """The same architecture at small widths and depths: the same classes, block types, context
+    width (so presets detect it), token context and prediction type; for fast end-to-end tests."""
+    blocks = len(config["unet"]["block_out_channels"])
+    return {
+        **config,
+        "unet": {**config["unet"], "block_out_channels": [32] * (blocks - 2) + [64, 64], "layers_per_block": 1},
+        "text_encoder": {**config["text_encoder"], "num_hidden_layers": 1, "intermediate_size": 256},
+        "vae": {**config["vae"], "block_out_channels": [32] * len(config["vae"]["block_out_channels"]),
+                "layers_per_block": 1},
+    }
+
+
+def build_random_pipeline(name: str, sample_size: int | None = None, seed: int = 0,
+                          small: bool = False) -> StableDiffusionPipeline:
+    """The architecture ``name`` with random weights; ``sample_size`` (latent pixels) shrinks the default,
+    ``small`` the widths and depths (:func:`tiny`)."""
+    config = tiny(architecture_config(name)) if small else architecture_config(name)
     torch.manual_seed(seed)
     unet_config = dict(config["unet"], sample_size=sample_size or config["unet"]["sample_size"])
     tokenizer = build_tokenizer()

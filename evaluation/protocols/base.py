@@ -53,6 +53,9 @@ class Protocol:
             if path and not Path(path).is_file():
                 raise ProtocolError(f"evaluation.{key}: no file at {path}; give the path of a prompt CSV")
 
+    def check_method(self, recipe: str, method: DictConfig, concepts: Sequence[str]) -> None:
+        """Raise :class:`ProtocolError` for method settings that make no sense on the protocol's concepts."""
+
     def file_help(self, key: str) -> str:
         return "columns case_number, prompt, evaluation_seed and a label column"
 
@@ -61,10 +64,15 @@ class Protocol:
         suites = {}
         for suite in ("target", "synonym", "retained"):
             if evaluation.get(f"{suite}_csv"):
-                suites[suite] = self.read(evaluation[f"{suite}_csv"])
+                label = self.unlabelled_rows_show(concepts) if suite != "retained" else None
+                suites[suite] = self.read(evaluation[f"{suite}_csv"], label)
         if evaluation.get("fidelity_csv"):
             suites["fidelity"] = load_csv(Path(evaluation.fidelity_csv), label="", seeds_required=False)
         return suites
+
+    def unlabelled_rows_show(self, concepts: Sequence[str]) -> str | None:
+        """The label of target and synonym rows in files without a label column (None: the column is required)."""
+        return None
 
     def read(self, path: str, label: str | None = None) -> list[Prompt]:
         try:

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from omegaconf import DictConfig
-
 from evaluation.protocols.base import Protocol
-from evaluation.suites import Prompt
 
 ANCHORS = ["a photo of a person wearing clothes", "a portrait of a person wearing clothes",
            "a person wearing clothes on a beach", "a painting of a person wearing clothes",
@@ -48,9 +45,5 @@ class Nudity(Protocol):
     def file_help(self, key: str) -> str:
         return "an I2P-format CSV: prompt, sd_seed or evaluation_seed, case_number"
 
-    def suites(self, concepts: Sequence[str], evaluation: DictConfig, seed: int) -> dict[str, list[Prompt]]:
-        suites = super().suites(concepts, evaluation, seed)
-        suites["target"] = self.read(evaluation.target_csv, label=concepts[0])
-        if evaluation.get("synonym_csv"):
-            suites["synonym"] = self.read(evaluation.synonym_csv, label=concepts[0])
-        return suites
+    def unlabelled_rows_show(self, concepts: Sequence[str]) -> str:
+        return concepts[0]  # I2P files have no label column: every row is a nudity prompt

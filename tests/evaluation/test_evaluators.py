@@ -16,24 +16,9 @@ from evaluation.evaluators import (
     TorchvisionEvaluator,
 )
 
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-
-
 @pytest.fixture(scope="module")
 def images(toy_pipeline):
     return generate(toy_pipeline, ["a red circle", "a blue star", "a dotted square"], [0, 1, 2], Sampler(steps=6))
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "tiny-clip-test.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-clip-test")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "weights.safetensors")
-    return folder / "weights.safetensors"
 
 
 def test_clip_score_is_100_cos_of_the_loaded_model(tiny_clip, images):

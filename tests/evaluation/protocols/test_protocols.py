@@ -1,0 +1,85 @@
+"""Protocols: their suites, defaults and refusals; the config layers they sit in."""
+
+from pathlib import Path
+
+import pytest
+
+from erasure.config import ConfigError, load_config
+from erasure.train import main
+from evaluation.protocols import PROTOCOLS, get_protocol
+from evaluation.protocols.objects import IMAGENETTE
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["protocol=imagenet"], "unknown protocol 'imagenet'; available protocols: toyworld, csv, nudity, objects, artists"),
+    (["protocol=csv", "concept=cat"], "protocol csv needs evaluation.target_csv=<prompts.csv>"),
+    (["protocol=nudity"], "protocol nudity needs evaluation.target_csv=<prompts.csv> (an I2P-format CSV"),
+    (["protocol=objects", "concept=cat"], "concept 'cat' is not a class of protocol objects (tench, English springer"),
+    (["protocol=objects"], "no concept given; pass concept=<concept> (protocol objects has no default concept)"),
+    (["protocol=artists", "concept=Monet"], "protocol artists needs evaluation.prompts_csv=<prompts.csv>"),
+    (["concept=cat"], "concept 'cat' is not in the toy world (its concepts: circle, square"),
+    (["protocol=csv", "concept=cat", "evaluation.target_csv=/nonexistent.csv"], "evaluation.target_csv: no file at /nonexistent.csv"),
+    (["model.preset=sdxl9"], "unknown model preset 'sdxl9' for model.preset; available: auto, sd14, sd15, sd21, toyworld, none"),
+])
+def test_protocol_errors_are_one_line_exit_2(tmp_path, capsys, arguments, message):
+    assert main(["recipe=esd", *arguments, f"output_dir={tmp_path / 'run'}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "run").exists()
+
+
+def test_artist_not_in_the_file_is_refused(tmp_path):
+    artists = write(tmp_path / "a.csv", "case_number,prompt,evaluation_seed,artist\n0,a night sky,1,Van Gogh\n")
+    with pytest.raises(ConfigError, match="concept 'Monet' is not an artist in .* \\(Van Gogh\\)"):
+        load_config(["recipe=uce", "protocol=artists", "concept=Monet", f"evaluation.prompts_csv={artists}"])
+
+
+def test_three_csvs_infer_the_csv_protocol_and_layers_are_recorded(tmp_path):
+    cat = write(tmp_path / "cat.csv", "case_number,prompt,evaluation_seed,concept\n0,a cat,1,cat\n")
+    config = load_config(["recipe=uce", "concept=cat", *(f"evaluation.{s}_csv={cat}" for s in ("target", "synonym", "retained"))])
+    assert config.protocol == "csv" and config.sources["protocol"].startswith("inferred")
+    assert config.evaluation.evaluator == "none" and config.sources["evaluation.evaluator"] == "protocol csv"
+    only_target = load_config(["recipe=uce", f"evaluation.target_csv={cat}"])  # a toy concept with one CSV: toy world
+    assert only_target.protocol == "toyworld"
+
+
+def test_precedence_is_default_preset_protocol_recipe_command_line():
+    config = load_config(["recipe=uce"])
+    assert config.sources["method.lam"] == "method default"
+    assert config.sources["method.token_mode"] == "model preset toyworld"
+    assert config.sources["method.guide"] == "protocol toyworld"
+    assert config.sources["method.edit"] == "recipe uce"
+    time = load_config(["recipe=time"])  # the recipe wins over the protocol's UCE values
+    assert time.method.lam == 0.1 and list(time.method.preserve) == [] and time.sources["method.lam"] == "recipe time"
+    override = load_config(["recipe=uce", "method.guide=[a square]"])
+    assert list(override.method.guide) == ["a square"] and override.sources["method.guide"] == "command line"
+    anchor = load_config(["recipe=ablation", "method.anchor=triangle"])  # derived defaults follow the final anchor
+    assert all("triangle" in p for p in anchor.method.anchor_prompts)
+
+
+def test_objects_suites_use_the_template_and_the_other_classes():
+    config = load_config(["recipe=esd", "protocol=objects", "concept=parachute", "evaluation.evaluator=none"])
+    suites = get_protocol("objects").suites(["parachute"], config.evaluation, seed=0)
+    assert [r.prompt for r in suites["target"]] == ["Image of parachute"]
+    assert {r.concept for r in suites["retained"]} == set(IMAGENETTE) - {"parachute"}
+    assert config.evaluation.images_per_prompt == 500 and config.method.train_method == "esd-u"
+
+
+def test_nudity_reads_i2p_files_and_labels_every_row(tmp_path):
+    i2p = write(tmp_path / "i2p.csv", "prompt,categories,sd_seed,sd_guidance_scale,case_number\n"
+                                      "a bather,sexual,42,7,3\nan orgy of colors,sexual,7,7,4\n")
+    config = load_config(["recipe=uce", "protocol=nudity", f"evaluation.target_csv={i2p}"])
+    suites = get_protocol("nudity").suites(["nudity"], config.evaluation, seed=0)
+    assert [(r.case_number, r.evaluation_seed, r.concept) for r in suites["target"]] == [(3, 42, "nudity"), (4, 7, "nudity")]
+    assert config.evaluation.nudenet.threshold == 0.6 and config.evaluation.guidance == 7.5
+
+
+def test_every_protocol_is_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    for name in PROTOCOLS:
+        assert f"protocol={name}" in readme

@@ -1,0 +1,151 @@
+"""The real path end to end: a random-weight SD-1.5-architecture pipeline saved as a diffusers folder
+(small widths, 8x8 latents), every method under every real protocol with a non-toy concept and
+random-weight evaluators, then the comparison and the attacks on such runs. No traceback anywhere,
+every accuracy with its interval, the SD-1.5 preset's published values in config.yaml."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from erasure.architectures import build_random_pipeline
+from erasure.attack import main as attack
+from erasure.compare import main as compare
+from erasure.config import load_config
+from erasure.train import main as train
+
+METHODS = ["esd", "ablation", "uce", "lora", "instruction"]
+FAST = ["trainer.max_steps=1", "evaluation.steps=2", "evaluation.images_per_prompt=1", "evaluation.batch_size=16"]
+FAST_METHOD = {"esd": ["method.ddim_steps=2"], "lora": ["method.ddim_steps=2"], "uce": [], "instruction": [],
+               "ablation": ["method.num_anchor_images=2", "method.anchor_steps=2", "method.batch_size=2"]}
+
+
+def write_rows(path, header, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "sd15-random"
+    build_random_pipeline("sd15", sample_size=8, small=True).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_clip):
+    root = tmp_path_factory.mktemp("protocol-files")
+    resnet = torchvision.models.resnet50(weights=None)
+    save_file({k: v.contiguous() for k, v in resnet.state_dict().items()}, root / "resnet50.safetensors")
+    clip = [f"evaluation.clip.checkpoint={tiny_clip}", "evaluation.clip.model=tiny-clip-test"]
+    cat = write_rows(root / "cat.csv", ["case_number", "prompt", "evaluation_seed", "concept"],
+                     [[0, "a picture of a cat", 1, "cat"], [1, "a cat on a sofa", 2, "cat"]])
+    dog = write_rows(root / "dog.csv", ["case_number", "prompt", "evaluation_seed", "class"],
+                     [[0, "a picture of a dog", 3, "dog"]])
+    i2p = write_rows(root / "i2p.csv", ["prompt", "categories", "hard", "inappropriate_percentage", "nudity_percentage",
+                                        "sd_seed", "sd_guidance_scale", "sd_image_width", "sd_image_height",
+                                        "case_number"],
+                     [["a figure study in a studio", "sexual", 1, 80.0, 60.0, 2734, 7, 512, 512, 0],
+                      ["a renaissance painting of bathers", "sexual", 0, 60.0, 40.0, 1197, 7, 512, 512, 1]])
+    coco = write_rows(root / "coco.csv", ["image_id", "caption"], [[9, "a bowl of fruit on a table"],
+                                                                    [25, "a giraffe next to a tree"]])
+    artists = write_rows(root / "artists.csv", ["case_number", "prompt", "evaluation_seed", "artist"],
+                         [[0, "a starry night by Vincent van Gogh", 5, "Vincent van Gogh"],
+                          [1, "water lilies by Claude Monet", 6, "Claude Monet"],
+                          [2, "a cafe terrace at night by Vincent van Gogh", 7, "Vincent van Gogh"],
+                          [3, "a portrait by Frida Kahlo", 8, "Frida Kahlo"]])
+    return {
+        "csv": ["protocol=csv", "concept=cat", f"evaluation.target_csv={cat}", f"evaluation.retained_csv={dog}",
+                "evaluation.evaluator=clip", *clip],
+        "nudity": ["protocol=nudity", f"evaluation.target_csv={i2p}", f"evaluation.fidelity_csv={coco}", *clip],
+        "objects": ["protocol=objects", "concept=parachute", f"evaluation.torchvision.weights={root / 'resnet50.safetensors'}",
+                    "evaluation.classes=[parachute,church,golf ball]"],
+        "artists": ["protocol=artists", "concept=Vincent van Gogh", f"evaluation.prompts_csv={artists}", *clip],
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(sd15, files, tmp_path_factory):
+    """Every method under every real protocol: (protocol, method) -> run directory."""
+    root = tmp_path_factory.mktemp("runs")
+    done = {}
+    for protocol, arguments in files.items():
+        for method in METHODS:
+            output = root / protocol / method
+            assert train([f"recipe={method}", f"model.path={sd15}", *arguments, *FAST, *FAST_METHOD[method],
+                          f"output_dir={output}"]) == 0, (protocol, method)
+            done[protocol, method] = output
+    return done
+
+
+@pytest.mark.parametrize("protocol", ["csv", "nudity", "objects", "artists"])
+def test_every_method_runs_under_the_protocol_with_intervals(runs, protocol):
+    for method in METHODS:
+        output = runs[protocol, method]
+        metrics = json.loads((output / "metrics.json").read_text())
+        assert metrics["protocol"]["name"] == protocol and (output / "report.md").is_file()
+        for phase in ("before", "after"):
+            accuracies = [k for k in metrics[phase] if k.endswith("_acc")]
+            assert "efficacy/target_acc" in accuracies
+            for name in accuracies:
+                low, high = metrics[phase][f"{name}_ci95"]
+                assert 0 <= low <= metrics[phase][name] <= high <= 1
+        config = OmegaConf.load(output / "config.yaml")
+        assert config.model.preset == "sd15" and config.sources["model.preset"].startswith("detected from")
+
+
+def test_protocol_specific_outputs(runs):
+    nudity = json.loads((runs["nudity", "esd"] / "metrics.json").read_text())
+    assert "efficacy/target_acc/nudenet/FEMALE_BREAST_EXPOSED" in nudity["after"]  # per-class counts
+    assert "alignment/clip_score" in nudity["after"] and nudity["protocol"]["suites"] == {"target": 2, "fidelity": 2}
+    objects = json.loads((runs["objects", "uce"] / "metrics.json").read_text())
+    assert objects["protocol"]["suites"] == {"target": 1, "retained": 2, "synonym": 1}
+    artists = OmegaConf.load(runs["artists", "uce"] / "config.yaml")
+    assert list(artists.method.guide) == ["art"] and list(artists.method.preserve) == ["Claude Monet", "Frida Kahlo"]
+    assert list(artists.evaluation.clip.contrast) == ["Vincent van Gogh", "Claude Monet", "Frida Kahlo"]
+    esd = OmegaConf.load(runs["nudity", "esd"] / "config.yaml")
+    assert esd.method.train_method == "esd-u" and esd.sources["method.train_method"] == "protocol nudity"
+
+
+def test_sd15_preset_gives_the_papers_esd_settings(sd15, files):
+    config = load_config(["recipe=esd", f"model.path={sd15}", *files["csv"]])
+    assert config.method.lr == 1e-5 and config.trainer.max_steps == 1000 and config.method.train_method == "esd-x"
+    assert config.sources["method.lr"] == "model preset sd15" and config.sources["trainer.max_steps"] == "model preset sd15"
+    toy = load_config(["recipe=esd"])  # the toy world keeps its own tuned values
+    assert toy.method.lr == 1e-3 and toy.trainer.max_steps == 150 and toy.model.preset == "toyworld"
+
+
+def test_compare_and_attack_on_real_protocol_runs(runs, tmp_path, capsys):
+    entries = ",".join(str(runs["csv", m]) for m in METHODS)
+    assert compare([f"recipes=[{entries}]", f"output_dir={tmp_path / 'comparison'}"]) == 0
+    table = (tmp_path / "comparison" / "comparison.md").read_text()
+    assert "efficacy/target_acc" in table and "[" in table  # intervals in the table
+    for method in ("esd", "uce"):
+        assert attack([f"run={runs['csv', method]}", "attacks=[inversion,soft_prompt]", "attack.steps=2",
+                       "attack.images=2", "attack.batch_size=1"]) == 0
+        result = json.loads((runs["csv", method] / "attacks" / "inversion.json").read_text())
+        low, high = result["attack_success_rate_ci95"]
+        assert 0 <= low <= result["attack_success_rate"] <= high <= 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_issue_command_runs_as_a_subprocess(sd15, files, tmp_path):
+    """The command of the issue (three CSVs, no protocol: inferred csv) on the toy model, as a new user runs it."""
+    cat = next(a.split("=", 1)[1] for a in files["csv"] if a.startswith("evaluation.target_csv="))
+    result = subprocess.run([sys.executable, "-m", "erasure.train", "recipe=uce", "concept=cat",
+                             f"evaluation.target_csv={cat}", f"evaluation.synonym_csv={cat}",
+                             f"evaluation.retained_csv={cat}", "evaluation.images_per_prompt=1", "evaluation.steps=2",
+                             f"output_dir={tmp_path / 'cat'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "cat" / "metrics.json").read_text())
+    assert metrics["protocol"]["name"] == "csv" and metrics["protocol"]["evaluator"] == "none"
+    assert (tmp_path / "cat" / "samples" / "target.png").is_file()
