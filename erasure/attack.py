@@ -11,13 +11,13 @@ prints a table. The attacks and their budgets are described in ``evaluation.atta
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from erasure.cli import run_command
-from erasure.config import ConfigError, merge_into_schema, parse_overrides
+from erasure.config import ConfigError, check_numbers, merge_into_schema, parse_overrides
 from erasure.runs import attack_run
 from evaluation.attacks import ATTACKS, AttackConfig
 
@@ -37,9 +37,9 @@ def load_attack_config(arguments: list[str]) -> AttackRunConfig:
     unknown = [a for a in config.attacks if a not in ATTACKS]
     if unknown or not config.attacks:
         raise ConfigError(f"unknown attack '{unknown[0] if unknown else ''}' in attacks; choose from {', '.join(ATTACKS)}")
-    for key in ("steps", "lr", "batch_size", "images", "inversion_tokens", "soft_prompt_tokens"):
-        if getattr(config.attack, key) <= 0:
-            raise ConfigError(f"'attack.{key}' must be positive, got {getattr(config.attack, key)}")
+    check_numbers(asdict(config.attack), "attack.")
+    if not config.attack.init_word.strip():
+        raise ConfigError("'attack.init_word' must be a word, e.g. attack.init_word=object")
     return config
 
 

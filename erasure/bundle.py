@@ -42,6 +42,16 @@ def check_model_folder(path: Path) -> None:
         raise ModelLoadError(f"model folder {path} is incomplete: missing {', '.join(missing)}; re-export the model")
 
 
+def is_hub_id(path: str | Path) -> bool:
+    """A hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5": owner/name, not a local path."""
+    text = str(path)
+    try:
+        local = Path(text).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+    return not local and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
 def load_pipeline(path: str | Path = TOYWORLD_MODEL, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline (tokenizer, text encoder, UNet, VAE, scheduler).
@@ -51,12 +61,12 @@ def load_pipeline(path: str | Path = TOYWORLD_MODEL, device: str | torch.device 
     Weights are read from safetensors only; no safety checker is loaded.
     """
     local = Path(path).expanduser()
-    is_hub_id = not local.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
-    if not is_hub_id:
+    hub = is_hub_id(path)
+    if not hub:
         check_model_folder(local)
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
-            str(local) if not is_hub_id else str(path), torch_dtype=dtype, use_safetensors=True,
+            str(local) if not hub else str(path), torch_dtype=dtype, use_safetensors=True,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     except Exception as error:  # any failure to read the folder: one line naming the model and the cause

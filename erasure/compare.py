@@ -17,16 +17,17 @@ and report.md.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from erasure.bundle import load_pipeline
 from erasure.cli import run_command
 from erasure.config import (
-    ConfigError, available_recipes, load_config, load_run_config, merge_into_schema, parse_overrides, resolve_path,
+    ConfigError, available_recipes, check_numbers, load_config, load_run_config, merge_into_schema, parse_overrides,
+    resolve_path,
 )
 from erasure.generation import Sampler, generate
 from erasure.io import atomic_write_text
@@ -38,6 +39,7 @@ from evaluation.analysis.text import template_similarities
 from evaluation.attacks import ATTACKS, AttackConfig
 from evaluation.metrics import INTERVAL
 from evaluation.protocols import get_protocol
+from evaluation.report import image_grid
 from evaluation.suites import load_csv, write_table
 
 COMPARE_KEYS = {"recipes", "templates", "output_dir", "overwrite", "grid_prompts", "attacks", "attack"}
@@ -50,6 +52,17 @@ PROTOCOL_KEYS = ("seed", "protocol", "model.path", "model.resolution", "evaluati
 
 
 @dataclass
+class CompareOptions:
+    recipes: list[str] = field(default_factory=list)  # recipe names or run directories
+    templates: list[str] | None = None  # instruction templates (default: all of the recipe's)
+    output_dir: str | None = None
+    overwrite: bool = False
+    grid_prompts: int = 4
+    attacks: list[str] = field(default_factory=list)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+
+
+@dataclass
 class Entry:
     label: str
     config: DictConfig
@@ -59,9 +72,10 @@ class Entry:
 def plan(arguments: list[str]) -> tuple[list[Entry], DictConfig, Path]:
     """Validate everything before anything runs: (entries, compare options, output dir)."""
     overrides = parse_overrides(arguments)
-    options = OmegaConf.create({key: overrides.pop(key) for key in list(overrides) if key in COMPARE_KEYS})
-    recipes = options.get("recipes")
-    if not isinstance(recipes, (list, ListConfig)) or not recipes:
+    options = merge_into_schema(OmegaConf.structured(CompareOptions),
+                                {key: overrides.pop(key) for key in list(overrides) if key in COMPARE_KEYS})
+    recipes = options.recipes
+    if not recipes:
         raise ConfigError("no recipes given; pass recipes=[instruction,esd,ablation,uce,lora] "
                           "(recipe names or run directories)")
     output = Path(options.get("output_dir") or f"runs/compare/{datetime.now():%Y%m%d-%H%M%S}")
@@ -91,6 +105,7 @@ def plan(arguments: list[str]) -> tuple[list[Entry], DictConfig, Path]:
     if len(concepts) > 1:
         raise ConfigError(f"the entries erase different concepts {sorted(concepts)}; compare runs of one concept set")
     check_protocol(entries)
+    check_numbers({"grid_prompts": options.grid_prompts})
     attack_settings(options)
     return entries, options, output
 
@@ -188,7 +203,7 @@ def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, g
     labels = ["original model", *[label for label, _, _ in runs]]
     images = [generate(base, grid_text, grid_seeds, sampler)]
     images += [run.module.generate(grid_text, grid_seeds, sampler) for _, run, _ in runs]
-    comparison.image_grid(labels, images, grid_text, output / "grid.png")
+    image_grid(labels, [list(row) for row in images], output / "grid.png", headers=grid_text)
     return {"similarity": similarity_rows, "auc": auc_rows, "charts": charts}
 
 
@@ -197,8 +212,9 @@ def attack_settings(options: DictConfig) -> tuple[list[str], AttackConfig]:
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"unknown attack '{unknown[0]}' in attacks; choose from {', '.join(ATTACKS)}")
-    config = merge_into_schema(OmegaConf.structured(AttackConfig), options.get("attack") or {}, prefix="attack.")
-    return attacks, OmegaConf.to_object(config)
+    config = OmegaConf.to_object(options.attack)
+    check_numbers(asdict(config), "attack.")
+    return attacks, config
 
 
 def add_attacks(rows: list[dict], runs: list[tuple[str, Run, Path]], options: DictConfig) -> None:
@@ -261,7 +277,7 @@ def compare(arguments: list[str]) -> Path:
     evaluation = runs[0][1].config.evaluation
     sampler = Sampler(steps=evaluation.steps, guidance=evaluation.guidance)
     print("analysing: text similarity, cross-attention, grid", flush=True)
-    analysis = analyse(runs, output, sampler, int(options.get("grid_prompts") or 4))
+    analysis = analyse(runs, output, sampler, options.grid_prompts)
     rows = comparison.metric_rows([(label, run.metrics) for label, run, _ in runs])
     if options.get("attacks"):
         add_attacks(rows, runs, options)

@@ -20,6 +20,7 @@ layer each value came from.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from erasure.bundle import REPO_ROOT
+from erasure.bundle import REPO_ROOT, is_hub_id
 from evaluation.evaluators import CLIPConfig, NudeNetConfig, TorchvisionConfig
 from evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, ProtocolError, get_protocol
 from evaluation.protocols.toyworld import ToyWorldEvaluatorConfig
@@ -126,18 +127,30 @@ def merge_into_schema(schema: DictConfig, *layers: Any, prefix: str = "") -> Dic
         key = f"{prefix}{error.full_key}"
         reason = str(error.msg).splitlines()[0]
         raise ConfigError(f"invalid value for '{key}': {reason}") from None
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"invalid configuration: {str(error).splitlines()[0]}") from None
+    except (OmegaConfBaseException, TypeError, ValueError) as error:
+        given = ", ".join(f"{prefix}{key}" for key in flatten(OmegaConf.to_container(OmegaConf.create(layers[-1]))))
+        raise ConfigError(f"invalid configuration: {str(error).splitlines()[0]}; check the values of {given}") from None
 
 
 def parse_overrides(arguments: list[str]) -> DictConfig:
     bad = [a for a in arguments if "=" not in a or a.startswith("=")]
     if bad:
         raise ConfigError(f"argument '{bad[0]}' is not of the form key=value (e.g. concept=star trainer.max_steps=300)")
+    layers = []
+    for argument in arguments:
+        if "${" in argument:
+            raise ConfigError(f"'{argument.split('=', 1)[0]}': interpolations (${{...}}) are not taken from the command "
+                              "line; write the value literally")
+        try:
+            layers.append(OmegaConf.from_dotlist([argument]))
+        except Exception as error:  # noqa: BLE001 - OmegaConf and its YAML parser raise several kinds: one line
+            key = argument.split("=", 1)[0]
+            raise ConfigError(f"cannot parse the value of '{key}' in '{argument}' ({str(error).splitlines()[0]}); "
+                              "quote text with spaces or brackets, e.g. concept=\"a, b\"") from None
     try:
-        return OmegaConf.from_dotlist(arguments)
+        return OmegaConf.merge(OmegaConf.create(), *layers)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"cannot parse the overrides: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"cannot combine the overrides: {str(error).splitlines()[0]}") from None
 
 
 def normalise_concepts(value: Any) -> list[str]:
@@ -185,8 +198,8 @@ def choose_protocol(peek: DictConfig) -> tuple[str, str]:
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of every leaf (lists are leaves)."""
-    if isinstance(node, dict):
+    """Dotted keys of every leaf (lists and empty dicts are leaves)."""
+    if isinstance(node, dict) and node:
         return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
 
@@ -215,8 +228,9 @@ def load_config(arguments: list[str]) -> DictConfig:
         protocol_layer = protocol.layer(recipe, OmegaConf.merge(base, preset_layer), above)
     except ProtocolError as error:
         raise ConfigError(str(error)) from None
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"invalid configuration: {str(error).splitlines()[0]}") from None
+    except (OmegaConfBaseException, TypeError, ValueError) as error:
+        given = ", ".join(flatten(OmegaConf.to_container(overrides))) or "the recipe's keys"
+        raise ConfigError(f"invalid configuration: {str(error).splitlines()[0]}; check the values of {given}") from None
     layers = {"default": base, f"model preset {preset_name}": preset_layer, f"protocol {protocol_name}": protocol_layer,
               f"recipe {recipe}": recipe_layer, "command line": overrides}
     config = build_config(recipe, [OmegaConf.create(layer) for layer in layers.values()])
@@ -250,7 +264,7 @@ def build_config(recipe: str, layers: list[DictConfig]) -> DictConfig:
     config.recipe = recipe
 
     name = OmegaConf.merge(*method_layers).get("name")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"unknown method '{name}' in recipe {recipe}; known methods: {', '.join(METHODS)}")
     method_class = METHODS[name]
     method = merge_into_schema(OmegaConf.structured(method_class.Config), *method_layers, prefix="method.")
@@ -258,6 +272,11 @@ def build_config(recipe: str, layers: list[DictConfig]) -> DictConfig:
         if method[key] not in allowed:
             raise ConfigError(f"invalid value for 'method.{key}': {method[key]!r}; choose one of: {', '.join(map(str, allowed))}")
     config.method = method
+    try:
+        OmegaConf.resolve(config)  # ${...} interpolations: resolved now, or a one-line error
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot resolve an interpolation in the config ({str(error).splitlines()[0]}); "
+                          "write values literally") from None
     if config.concept is None:
         raise ConfigError(f"no concept given; pass concept=<concept> (protocol {config.protocol or DEFAULT_PROTOCOL} "
                           "has no default concept)")
@@ -268,7 +287,7 @@ def build_config(recipe: str, layers: list[DictConfig]) -> DictConfig:
         method_class.check(OmegaConf.to_object(method), list(config.concept))
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    check_ranges(config)
+    check_values(config)
     return config
 
 
@@ -285,13 +304,121 @@ def load_run_config(run_dir: Path) -> DictConfig:
     return build_config(recipe, [saved])
 
 
-def check_ranges(config: DictConfig) -> None:
-    positive = {"trainer.max_steps": config.trainer.max_steps, "method.lr": config.method.get("lr", 1),
-                "method.batch_size": config.method.get("batch_size", 1), "evaluation.steps": config.evaluation.steps,
-                "evaluation.images_per_prompt": config.evaluation.images_per_prompt}
-    for key, value in positive.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"'{key}' must be positive, got {value}")
+# ----- values: checked at configuration time against what the libraries underneath accept -----------
+MAX_INT, MAX_SEED = 2**31 - 1, 2**32 - 1  # seeds: numpy's and Lightning's range
+POSITIVE = {  # keys (the part after "method." for methods) whose values must be > 0
+    "trainer.max_steps", "trainer.devices", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
+    "evaluation.steps", "evaluation.images_per_prompt", "evaluation.batch_size", "model.resolution",
+    "method.lr", "method.batch_size", "method.sigma", "method.ddim_steps", "method.rank", "method.alpha",
+    "method.num_anchor_images", "method.anchor_steps", "method.lam", "method.max_grad_norm",
+    "attack.steps", "attack.lr", "attack.batch_size", "attack.images", "attack.inversion_tokens",
+    "attack.soft_prompt_tokens", "grid_prompts",
+}
+AT_MOST = {"evaluation.steps": 1000, "method.ddim_steps": 1000, "method.anchor_steps": 1000,  # DDIM over 1000 steps
+           "evaluation.kid_subset_size": MAX_INT, "evaluation.nudenet.threshold": 1.0}
+AT_LEAST = {"evaluation.kid_subset_size": 2}
+PRECISIONS_ON_CPU = ("32-true", "32", "bf16-mixed")
+PRECISIONS_ON_GPU = (*PRECISIONS_ON_CPU, "16-mixed", "bf16-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
+TEMPLATES = {"method.prompt_template": ("concept",), "evaluation.prompt_template": ("concept",),
+             "evaluation.clip.template": ("concept",), "method.target_template": ("anchor_prompt", "concept")}
+
+
+def check_number(key: str, value: Any) -> None:
+    """Finite floats; integers in range; positive and bounded where the key requires it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"'{key}' must be a finite number, got {value}")
+    low = AT_LEAST.get(key, 1 if key in POSITIVE else 0)
+    high = AT_MOST.get(key, MAX_SEED if key.endswith("seed") else MAX_INT)
+    if isinstance(value, int) and not low <= value <= high:
+        raise ConfigError(f"'{key}' must be an integer from {low} to {high}, got {value}")
+    if isinstance(value, float) and key in POSITIVE and value <= 0:
+        raise ConfigError(f"'{key}' must be positive, got {value}")
+    if isinstance(value, float) and key in AT_MOST and not 0 <= value <= high:
+        raise ConfigError(f"'{key}' must be from 0 to {high}, got {value}")
+
+
+def check_numbers(values: dict, prefix: str = "") -> None:
+    """:func:`check_number` on every leaf of a (nested) dict, keys prefixed."""
+    for key, value in flatten(values, prefix).items():
+        for item in value if isinstance(value, list) else [value]:
+            check_number(key, item)
+
+
+def check_template(key: str, template: str, fields: tuple[str, ...]) -> None:
+    try:
+        template.format(**{name: "x" for name in fields})
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError(f"'{key}' is not a valid template ({error!s}); use {{{'}, {'.join(fields)}}} "
+                          f"as placeholders, e.g. {key}=\"a photo of {{concept}}\"") from None
+
+
+def check_path(key: str, value: str | None, kind: str) -> None:
+    """A configured file or folder must exist (relative to the working directory or the repository)."""
+    if not value:
+        return
+    try:
+        path = resolve_path(value)
+        found = path.is_dir() if kind == "folder" else path.is_file()
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"'{key}' is not a usable path ({error}); give the path of a {kind}") from None
+    if not found:
+        raise ConfigError(f"'{key}': no {kind} at {value}; give the path of an existing {kind}")
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """Accelerator, devices, precision and strategy as Lightning accepts them on this machine."""
+    gpus = torch_gpu_count()
+    if trainer.accelerator not in ACCELERATORS:
+        raise ConfigError(f"invalid value for 'trainer.accelerator': {trainer.accelerator!r}; choose one of: "
+                          f"{', '.join(ACCELERATORS)}")
+    if trainer.accelerator in ("gpu", "cuda") and not gpus:
+        raise ConfigError("trainer.accelerator=gpu but this machine has no GPU; use trainer.accelerator=cpu or auto")
+    on_gpu = gpus > 0 and trainer.accelerator != "cpu"
+    if on_gpu and trainer.devices > gpus:
+        raise ConfigError(f"trainer.devices={trainer.devices} but this machine has {gpus} GPU(s)")
+    precisions = PRECISIONS_ON_GPU if on_gpu else PRECISIONS_ON_CPU
+    if str(trainer.precision) not in precisions:
+        raise ConfigError(f"invalid value for 'trainer.precision': {trainer.precision!r}; choose one of: "
+                          f"{', '.join(precisions)}{'' if on_gpu else ' (on a CPU)'}")
+    if trainer.strategy not in STRATEGIES:
+        raise ConfigError(f"invalid value for 'trainer.strategy': {trainer.strategy!r}; choose one of: "
+                          f"{', '.join(STRATEGIES)}")
+
+
+def torch_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_values(config: DictConfig) -> None:
+    """Every value against what the code and libraries underneath accept; a one-line ConfigError naming
+    the key and the allowed values, before anything is loaded or written."""
+    values = flatten(OmegaConf.to_container(config))
+    for key, value in values.items():
+        if key.startswith("sources."):
+            continue
+        check_number(key, value)
+        if isinstance(value, list):
+            for item in value:
+                check_number(key, item)
+        if key in TEMPLATES and value is not None:
+            check_template(key, value, TEMPLATES[key])
+    if not is_hub_id(config.model.path):
+        check_path("model.path", config.model.path, "folder")
+    if config.model.resolution is not None and config.model.resolution % 8:
+        raise ConfigError(f"'model.resolution' must be a multiple of 8 pixels, got {config.model.resolution}")
+    check_trainer(config.trainer)
+    evaluation = config.evaluation
+    weights = {"toyworld": ("evaluation.toyworld.classifier", "folder"), "clip": ("evaluation.clip.checkpoint", "file"),
+               "torchvision": ("evaluation.torchvision.weights", "file"), "nudenet": ("evaluation.nudenet.model", "file")}
+    if evaluation.enabled and evaluation.evaluator in weights:
+        key, kind = weights[evaluation.evaluator]
+        check_path(key, OmegaConf.select(config, key), kind)
 
 
 def resolve_path(path: str | Path) -> Path:

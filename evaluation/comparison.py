@@ -12,7 +12,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from erasure.io import atomic_save  # noqa: E402
 from evaluation.metrics import INTERVAL, KID, SUITE_METRICS, intervals_overlap  # noqa: E402
@@ -98,28 +97,6 @@ def attention_chart(curves: dict[str, torch.Tensor], path: Path, title: str) -> 
     figure.tight_layout()
     atomic_save(path, lambda p: figure.savefig(p, format="png"))
     plt.close(figure)
-
-
-def image_grid(labels: Sequence[str], images: Sequence[torch.Tensor], prompts: Sequence[str], path: Path) -> None:
-    """Rows = methods, columns = prompts (same seeds in every row); uint8 images (N, H, W, 3)."""
-    size = max(96, images[0].shape[1])
-    font = ImageFont.load_default()
-    label_width = 8 + max(int(font.getlength(label)) for label in labels)
-    header, pad = 30, 2
-    width = label_width + len(prompts) * (size + pad)
-    canvas = Image.new("RGB", (width, header + len(labels) * (size + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, prompt in enumerate(prompts):
-        x = label_width + c * (size + pad)
-        for line, text in enumerate((prompt[:18], prompt[18:36])):
-            draw.text((x, 2 + 12 * line), text, fill="black", font=font)
-    for r, (label, row_images) in enumerate(zip(labels, images)):
-        y = header + r * (size + pad)
-        draw.text((4, y + size // 2 - 6), label, fill="black", font=font)
-        for c, image in enumerate(row_images):
-            tile = Image.fromarray(image.numpy()).resize((size, size), Image.Resampling.NEAREST)
-            canvas.paste(tile, (label_width + c * (size + pad), y))
-    atomic_save(path, lambda p: canvas.save(p, format="png"))
 
 
 def metric_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:

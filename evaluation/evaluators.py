@@ -25,7 +25,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 
 
 

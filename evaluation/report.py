@@ -13,27 +13,40 @@ from evaluation.metrics import INTERVAL
 SCALE = 3  # toy images are 32 px: enlarge them so they can be seen
 
 
+def image_grid(row_labels: list[str], rows: list[list[torch.Tensor]], path: Path, headers: list[str] | None = None,
+               gap_after: int | None = None) -> None:
+    """A labelled grid of uint8 images (H, W, 3): a label left of each row, an optional header over
+    each column (wrapped to two lines), an optional gap after column ``gap_after``."""
+    size = rows[0][0].shape[0] * SCALE if rows[0][0].shape[0] < 128 else rows[0][0].shape[0]
+    font = ImageFont.load_default()
+    label_width = 8 + max(int(font.getlength(label)) for label in row_labels)
+    pad, gap, header = 2, 16, 30 if headers else 4
+    columns = max(len(row) for row in rows)
+
+    def x_of(c: int) -> int:
+        return label_width + c * (size + pad) + (gap if gap_after is not None and c >= gap_after else 0)
+
+    canvas = Image.new("RGB", (x_of(columns) + pad, header + len(rows) * (size + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(headers or []):
+        for line, part in enumerate((text[:18], text[18:36])):
+            draw.text((x_of(c), 2 + 12 * line), part, fill="black", font=font)
+    for r, (label, images) in enumerate(zip(row_labels, rows)):
+        y = header + r * (size + pad)
+        draw.text((4, y + size // 2 - 6), label, fill="black", font=font)
+        for c, image in enumerate(images):
+            canvas.paste(Image.fromarray(image.numpy()).resize((size, size), Image.Resampling.NEAREST), (x_of(c), y))
+    atomic_save(path, lambda staging: canvas.save(staging, format="png"))
+
+
 def comparison_grid(prompts: list[str], original: torch.Tensor, erased: torch.Tensor, per_prompt: int,
                     path: Path, max_rows: int = 12, titles: tuple[str, str] = ("original", "erased")) -> None:
     """Rows = prompts, columns = seeds; the original model's images left, the erased model's right."""
-    rows = min(len(prompts), max_rows)
-    size = original.shape[1] * SCALE if original.shape[1] < 128 else original.shape[1]
-    font = ImageFont.load_default()
-    label_width = 8 + max(int(font.getlength(p)) for p in prompts[:rows])
-    gap, pad, header = 16, 2, 18
-    width = label_width + 2 * per_prompt * (size + pad) + gap
-    canvas = Image.new("RGB", (width, header + rows * (size + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for block, title in enumerate(titles):
-        draw.text((label_width + block * (per_prompt * (size + pad) + gap), 2), title, fill="black", font=font)
-    for r in range(rows):
-        y = header + r * (size + pad)
-        draw.text((4, y + size // 2 - 6), prompts[r], fill="black", font=font)
-        for block, images in enumerate((original, erased)):
-            for k in range(per_prompt):
-                image = Image.fromarray(images[r * per_prompt + k].numpy()).resize((size, size), Image.Resampling.NEAREST)
-                canvas.paste(image, (label_width + block * (per_prompt * (size + pad) + gap) + k * (size + pad), y))
-    atomic_save(path, lambda staging: canvas.save(staging, format="png"))
+    count = min(len(prompts), max_rows)
+    rows = [[*original[r * per_prompt:(r + 1) * per_prompt], *erased[r * per_prompt:(r + 1) * per_prompt]]
+            for r in range(count)]
+    headers = [titles[0], *[""] * (per_prompt - 1), titles[1]]
+    image_grid(prompts[:count], rows, path, headers, gap_after=per_prompt)
 
 
 def format_metric(values: dict, name: str) -> str:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import torchvision
 from omegaconf import OmegaConf
 from safetensors.torch import save_file

@@ -32,9 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import compute_snr
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchvision.transforms.functional import gaussian_blur
 
 from erasure.generation import to_unit_range
 from erasure.io import atomic_directory
@@ -109,19 +111,10 @@ class ClassifierData(Dataset):
         image = to_unit_range(source[i : i + 1])[0]
         if torch.rand(()) < 0.3:
             sigma = float(torch.empty(()).uniform_(0.3, 0.8))
-            image = _gaussian_blur(image, sigma)
+            image = gaussian_blur(image, kernel_size=5, sigma=sigma)
         if torch.rand(()) < 0.3:
             image = image + 0.06 * torch.randn_like(image)
         return image, self.labels[i]
-
-
-def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    x = torch.arange(-2, 3, dtype=torch.float32)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    image = F.conv2d(F.pad(image[:, None], (2, 2, 0, 0), mode="replicate"), kernel.view(1, 1, 1, 5))
-    image = F.conv2d(F.pad(image, (0, 0, 2, 2), mode="replicate"), kernel.view(1, 1, 5, 1))
-    return image[:, 0]
 
 
 class ClassifierTraining(L.LightningModule):
@@ -181,8 +174,7 @@ class TextToImageTraining(L.LightningModule):
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         prediction = self.unet(noisy, t, self.text_encoder(ids)[0]).sample
-        alpha_bar = self.scheduler.alphas_cumprod.to(self.device)[t]
-        snr = alpha_bar / (1 - alpha_bar)
+        snr = compute_snr(self.scheduler, t)
         weight = snr.clamp(max=self.snr_gamma) / snr
         loss = (weight * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         self.log("unet/loss", loss, prog_bar=True)

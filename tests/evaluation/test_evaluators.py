@@ -1,8 +1,6 @@
 """Real-model evaluators on random-weight models built from config, and NudeNet's shipped detector."""
 
-import json
 
-import open_clip
 import pytest
 import torch
 import torchvision

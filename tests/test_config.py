@@ -1,0 +1,87 @@
+"""The configuration layer answers every value: a config, or a one-line ConfigError naming the key.
+
+Property-based (hypothesis): generated values for every key of every recipe, in-process; then a
+handful of subprocess runs of odd values: a run, or exit 2 with one error line and nothing written.
+"""
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from erasure.config import ConfigError, available_recipes, flatten, load_config
+
+RECIPES = available_recipes()
+KEYS = {recipe: sorted(k for k in flatten(OmegaConf.to_container(load_config([f"recipe={recipe}"])))
+                       if not k.startswith("sources.")) for recipe in RECIPES}
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+VALUES = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr).map(lambda r: r.replace("inf", "inf")),
+    st.sampled_from(["nan", "inf", "-inf", "0", "-1", "1e30", "true", "null", "[]", "[1,2]", "{}", "abc", "fp8",
+                     "16-mixed", "64-true", "${x}", "'{'", "gpu", "ddp_spawn", "\"\"", "1.5"]),
+    TEXT,
+)
+
+
+def outcome(arguments: list[str]) -> str | None:
+    """None for a config, else the error message; anything else fails the test."""
+    try:
+        load_config(arguments)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_key_with_any_value_gives_a_config_or_a_one_line_error_naming_it(data):
+    recipe = data.draw(st.sampled_from(RECIPES))
+    key = data.draw(st.sampled_from(KEYS[recipe]))
+    value = data.draw(VALUES)
+    message = outcome([f"recipe={recipe}", f"{key}={value}"])
+    if message is not None:
+        assert "\n" not in message and message.strip()
+        named = key.split(".")[-1] in message or key.split(".")[0] in message or "concept" in message
+        assert named, (key, value, message)
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("trainer.precision=abc", "invalid value for 'trainer.precision': 'abc'; choose one of: 32-true, 32, bf16-mixed"),
+    ("trainer.precision=fp8", "invalid value for 'trainer.precision'"),
+    ("trainer.devices=0", "'trainer.devices' must be an integer from 1"),
+    ("seed=99999999999999999999", "'seed'"),
+    ("seed=-1", "'seed' must be an integer from 0 to 4294967295"),
+    ("method.lr=nan", "'method.lr' must be a finite number"),
+    ("evaluation.guidance=inf", "'evaluation.guidance' must be a finite number"),
+    ("method.prompt_template=a {thing}", "'method.prompt_template' is not a valid template"),
+    ("trainer.accelerator=gpu", "this machine has no GPU"),
+    ("trainer.strategy=ddp_spawn", "invalid value for 'trainer.strategy'"),
+    ("evaluation.steps=5000", "'evaluation.steps' must be an integer from 1 to 1000"),
+    ("model.resolution=30", "'model.resolution' must be a multiple of 8"),
+    ("concept=${nope}", "'concept': interpolations (${...}) are not taken from the command line"),
+    ("evaluation.toyworld.classifier=/nonexistent", "'evaluation.toyworld.classifier': no folder at /nonexistent"),
+])
+def test_known_odd_values(argument, message):
+    assert message in outcome(["recipe=esd", argument])
+
+
+@pytest.mark.parametrize("arguments, code", [
+    (["trainer.precision=fp8"], 2),
+    (["trainer.devices=0"], 2),
+    (["seed=99999999999999999999"], 2),
+    (["seed=4294967295", "trainer.max_steps=1", "method.ddim_steps=2", "evaluation.enabled=false"], 0),
+])
+def test_command_lines_run_or_exit_2_with_one_error_line(tmp_path, arguments, code):
+    output = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "erasure.train", "recipe=esd", *arguments, f"output_dir={output}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-1500:]
+    if code == 2:
+        assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+        assert not output.exists()
+    else:
+        assert (output / "erased" / "unet_delta.safetensors").is_file()
