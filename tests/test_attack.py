@@ -32,7 +32,7 @@ def test_attack_writes_results_beside_the_run(uce_run, capsys):
     (["attacks=[inversion]"], "no run given; pass run=<run directory"),
     (["run=/nonexistent", "attacks=[inversion]"], "/nonexistent is not a run directory (no config.yaml)"),
     (["run=x", "attacks=[jailbreak]"], "unknown attack 'jailbreak' in attacks; choose from inversion, soft_prompt"),
-    (["run=x", "attack.steps=-1"], "'attack.steps' must be positive"),
+    (["run=x", "attack.steps=-1"], "'attack.steps' must be an integer from 1"),
     (["run=x", "attack.stepz=3"], "unknown key 'attack.stepz'"),
 ])
 def test_bad_input(capsys, arguments, message):

@@ -18,12 +18,12 @@ FAST = ["trainer.checkpoint_every_n_steps=2", "method.ddim_steps=6", "method.bat
     (["recipe=esd", "trainer.max_steps=many"], "invalid value for 'trainer.max_steps'"),
     (["recipe=esd", "method.eta=strong"], "invalid value for 'method.eta'"),
     (["recipe=esd", "concept=[]"], "concept must be a non-empty word"),
-    (["recipe=esd", "trainer.max_steps=-5"], "'trainer.max_steps' must be positive"),
+    (["recipe=esd", "trainer.max_steps=-5"], "'trainer.max_steps' must be an integer from 1 to 2147483647, got -5"),
     (["esd"], "argument 'esd' is not of the form key=value"),
     (["trainer.max_steps=3"], "no recipe given; pass recipe=<name>"),
-    (["recipe=esd", "model.path=/nonexistent/sd"], "model folder /nonexistent/sd does not exist"),
+    (["recipe=esd", "model.path=/nonexistent/sd"], "'model.path': no folder at /nonexistent/sd"),
     (["recipe=esd", "evaluation.evaluator=none", f"concept={'circle ' * 40}"], "is 40 tokens but the text encoder reads 30; use a shorter concept"),
-    (["recipe=esd", "evaluation.toyworld.classifier=/nonexistent"], "no toy-world classifier at /nonexistent"),
+    (["recipe=esd", "evaluation.toyworld.classifier=/nonexistent"], "'evaluation.toyworld.classifier': no folder at /nonexistent"),
     (["recipe=esd", "resume=true"], "has no checkpoints/last.ckpt; pass the run directory to continue"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, arguments, message):

@@ -85,6 +85,5 @@ def test_evaluator_choice_in_config_fails_early_with_one_line():
     config = load_config(["recipe=esd", "evaluation.evaluator=dino"])
     with pytest.raises(ConfigError, match="unknown evaluator 'dino' for evaluation.evaluator; available: toyworld, clip"):
         build_evaluator(config.evaluation)
-    config = load_config(["recipe=esd", "evaluation.toyworld.classifier=/nope"])
-    with pytest.raises(ConfigError, match="no toy-world classifier at /nope"):
-        build_evaluator(config.evaluation)
+    with pytest.raises(ConfigError, match="'evaluation.toyworld.classifier': no folder at /nope"):
+        load_config(["recipe=esd", "evaluation.toyworld.classifier=/nope"])
