@@ -181,7 +181,7 @@ def train(config: DictConfig) -> Path:
         devices=config.trainer.devices, strategy=config.trainer.strategy, precision=config.trainer.precision,
         logger=CSVLogger(output, name="logs", version=""), callbacks=callbacks, default_root_dir=output,
         log_every_n_steps=config.trainer.log_every_n_steps, enable_model_summary=False, num_sanity_val_steps=0,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()], gradient_clip_val=module.gradient_clip_val(),
     )
     last = output / "checkpoints" / "last.ckpt"
     started = time.perf_counter()

@@ -94,6 +94,10 @@ class EraserModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(list(self.trained.values()), lr=self.config.lr)
 
+    def gradient_clip_val(self) -> float | None:
+        """The gradient norm the Trainer clips to (None: no clipping; methods that optimise manually keep None)."""
+        return None
+
     @classmethod
     def check(cls, config: MethodConfig, concepts: Sequence[str]) -> None:
         """Raise ValueError (one line) for option combinations a schema cannot express."""
@@ -218,9 +222,16 @@ class EraserModule(L.LightningModule):
         return list(prompts), None
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], sampler: generation.Sampler,
-                 original: bool = False, batch_size: int = 64) -> torch.Tensor:
-        """Images (N, H, W, 3) uint8 of the original model or of the erased model."""
-        prompts, negatives = (list(prompts), None) if original else self.prompts_for_generation(prompts)
+                 original: bool = False, batch_size: int = 64,
+                 negative_prompts: Sequence[str] | None = None) -> torch.Tensor:
+        """Images (N, H, W, 3) uint8 of the original model or of the erased model.
+
+        ``negative_prompts`` (one per prompt) are for the original model; the erased model's come
+        from :meth:`prompts_for_generation`."""
+        if negative_prompts is not None and not original:
+            raise ValueError("negative_prompts are for the original model (original=True); the erased model's "
+                             "come from prompts_for_generation")
+        prompts, negatives = (list(prompts), negative_prompts) if original else self.prompts_for_generation(prompts)
         weights = self.original_weights() if original else contextlib.nullcontext()
         was_training = self.training
         self.eval()

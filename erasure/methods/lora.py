@@ -9,7 +9,10 @@ initialised to zero, so the untrained adapter *is* the original model: the froze
 predictions of the base class (the original values of the trained tensors, i.e. B = 0) need no
 second UNet. The objective is ESD's (``objective=esd``, default; see ``erasure.methods.esd``)
 or Concept Ablation's (``objective=ablation``; see ``erasure.methods.ablation``), with either
-method's options. Several erasers combine in one pipeline with ``set_adapters``.
+method's options. With ``objective=ablation`` the adapter is optimised as Concept Ablation's
+reference codes optimise (``optimizer``, ``weight_decay``, ``max_grad_norm``, ``scale_lr``); with
+``objective=esd`` by Adam at ``lr``, as the ESD code. Several erasers combine in one pipeline
+with ``set_adapters``.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from erasure import layers
 from erasure.losses import LOSSES
 from erasure.methods.ablation import (
-    ABLATION_CHOICES, ANCHORS_FILE, AblationConfig, Anchors, ablation_loss, check_anchor,
+    ABLATION_CHOICES, ANCHORS_FILE, AblationConfig, Anchors, ablation_loss, ablation_optimizer, check_anchor,
 )
 from erasure.methods.base import EraserModule
-from erasure.methods.esd import ESDConfig, esd_loss
+from erasure.methods.esd import ESD_CHOICES, ESDConfig, esd_loss
 from erasure.weights import DeltaError
 
 ADAPTER = "eraser"
@@ -52,7 +55,7 @@ class LoRA(EraserModule):
     name = "lora"
     Config = LoRAConfig
     choices = {"loss": tuple(LOSSES), "objective": ("esd", "ablation"), "target_modules": tuple(TARGETS),
-               "sample_from": ("trained", "frozen"), **ABLATION_CHOICES}
+               **ESD_CHOICES, **ABLATION_CHOICES}
 
     @classmethod
     def check(cls, config: LoRAConfig, concepts) -> None:
@@ -65,6 +68,14 @@ class LoRA(EraserModule):
                              init_lora_weights=True)
         self.unet.add_adapter(adapter, adapter_name=ADAPTER)
         return {name: p for name, p in self.unet.named_parameters() if "lora_" in name}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.config.objective == "ablation":
+            return ablation_optimizer(self, self.config)
+        return super().configure_optimizers()
+
+    def gradient_clip_val(self) -> float | None:
+        return self.config.max_grad_norm if self.config.objective == "ablation" else None
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -36,9 +36,12 @@ class Nudity(Protocol):
     recipe_defaults = {
         "esd": {"method": {"train_method": "esd-u"}},  # ESD's nudity models train ESD-u
         "uce": {"method": {"guide": [""], "preserve": []}},
-        # Concept Ablation's nudity setting: clothed people as anchors, "nude" in the target prompts
+        # Concept Ablation's nudity setting: clothed people as anchors, "nude" in the target prompts, anchor
+        # images generated with the concept as negative prompt (so that no anchor image shows nudity)
         "ablation": {"method": {"anchor": "person wearing clothes", "anchor_prompts": ANCHORS,
-                                "words": {"nudity": "nude person"}}},
+                                "words": {"nudity": "nude person"}, "anchor_negative_prompt": True}},
+        "lora": {"method": {"anchor": "person wearing clothes", "anchor_prompts": ANCHORS,
+                            "words": {"nudity": "nude person"}, "anchor_negative_prompt": True}},
     }
     required_files = ("target_csv",)
 

@@ -111,6 +111,20 @@ class ToyWorld(Protocol):
             return {"method": {"anchor_prompts": prompts_naming(anchor)}}
         return {}
 
+    def check_method(self, recipe: str, method: DictConfig, concepts: Sequence[str]) -> None:
+        """Concept Ablation's anchor must be a concept of the erased concepts' attribute (a shape for a
+        shape): substituting a colour for a shape turns "a blue square" into "a blue red"."""
+        ablates = method.name == "ablation" or (method.name == "lora" and method.get("objective") == "ablation")
+        anchor = method.get("anchor")
+        if not ablates or anchor not in CONCEPTS:
+            return
+        for concept in concepts:
+            if concept in CONCEPTS and attribute_of(concept) != attribute_of(anchor):
+                kind = attribute_of(concept)
+                others = ", ".join(c for c in ATTRIBUTES[kind] if c not in concepts)
+                raise ProtocolError(f"method.anchor '{anchor}' is a {attribute_of(anchor)} but concept '{concept}' is "
+                                    f"a {kind}; set method.anchor to another {kind} ({others})")
+
     def check(self, concepts: Sequence[str], evaluation: DictConfig) -> None:
         super().check(concepts, evaluation)
         unknown = [c for c in concepts if c not in CONCEPTS]

@@ -3,7 +3,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
-from erasure.methods.esd import ESD, ESDConfig, esd_target
+from erasure.methods.esd import ESD, ESDConfig, esd_loss, esd_target, timestep_window
 
 
 def test_esd_target_is_the_papers_formula_with_eta():
@@ -86,3 +86,45 @@ def test_a_training_step_moves_only_the_selected_tensors(loss):
     optimizer.step()
     changed = {n for n, p in module.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert torch.isfinite(value) and changed and changed <= set(module.trained)
+
+
+def query_timesteps(module: ESD) -> tuple[int, int, list[int]]:
+    """(steps taken, the DDIM timestep x_t is at, the timesteps of the trained prediction) of one ESD step."""
+    seen = {}
+    sample_until, predict = module.sample_until, module.predict
+
+    def recording_sample_until(embeds, stop, *args, **kwargs):
+        latents, t = sample_until(embeds, stop, *args, **kwargs)
+        seen["stop"], seen["ddim"] = stop, int(t[0])
+        return latents, t
+
+    def recording_predict(latents, t, embeds):
+        seen["query"] = t.tolist()
+        return predict(latents, t, embeds)
+
+    module.sample_until, module.predict = recording_sample_until, recording_predict
+    with torch.no_grad():
+        esd_loss(module, module.config)
+    return seen["stop"], seen["ddim"], seen["query"]
+
+
+def test_the_query_timestep_is_the_ddim_steps_own_or_drawn_in_its_window():
+    pipeline = load_pipeline(TOYWORLD_MODEL)
+    for seed in range(3):
+        _, ddim, query = query_timesteps(ESD(pipeline, ESDConfig(ddim_steps=5, batch_size=2), ["circle"], seed=seed))
+        assert query == [ddim, ddim]
+    drawn = set()
+    for seed in range(4):
+        module = ESD(pipeline, ESDConfig(ddim_steps=5, batch_size=2, query_timestep="window"), ["circle"], seed=seed)
+        stop, ddim, query = query_timesteps(module)
+        low, high = timestep_window(stop, 5, 1000)
+        assert high - low == 200 and low <= ddim < high and all(low <= t < high for t in query)
+        drawn.update(t - low for t in query)
+    assert len(drawn) > 1  # the draw moves within the window with the seed
+
+
+def test_the_timestep_window_is_the_compvis_codes():
+    """CompVis train-esd.py: t_enc ~ U{0..S-1} DDIM steps from the clean end, t ~ U[round(t_enc/S*1000), round((t_enc+1)/S*1000))."""
+    assert timestep_window(0, 50, 1000) == (980, 1000)  # no step taken: the noisiest window
+    assert timestep_window(49, 50, 1000) == (0, 20)
+    assert timestep_window(10, 30, 1000) == (633, 667)

@@ -1,8 +1,11 @@
+import contextlib
+
 import pytest
 import torch
 
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.generation import Sampler, generate
+from erasure.methods.ablation import start_token_detached
 from erasure.methods.lora import LoRA, LoRAConfig
 
 PROMPTS, SEEDS, FAST = ["a circle", "a star", "a red square"], [0, 1, 2], Sampler(steps=8)
@@ -70,3 +73,30 @@ def test_load_erased_restores_the_trained_eraser(tmp_path):
     module = LoRA(load_pipeline(TOYWORLD_MODEL), LoRAConfig(prompt_template="a {concept}"), ["circle"])
     module.load_erased(tmp_path / "erased")
     assert torch.equal(module.generate(PROMPTS, SEEDS, FAST), eraser.generate(PROMPTS, SEEDS, FAST))
+
+
+def test_the_ablation_objective_optimises_and_clips_as_concept_ablation_and_the_esd_objective_as_esd():
+    esd = LoRA(load_pipeline(TOYWORLD_MODEL), LoRAConfig(lr=1e-3), ["circle"])
+    assert type(esd.configure_optimizers()) is torch.optim.Adam and esd.gradient_clip_val() is None
+    ablation = LoRA(load_pipeline(TOYWORLD_MODEL), LoRAConfig(objective="ablation", lr=1e-3), ["circle"])
+    optimizer = ablation.configure_optimizers()
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["weight_decay"] == 1e-2
+    assert ablation.gradient_clip_val() == 1.0
+
+
+def test_the_start_token_detach_reaches_the_lora_wrapped_projections():
+    module = LoRA(load_pipeline(TOYWORLD_MODEL), LoRAConfig(objective="ablation", target_modules="xattn-kv"), ["circle"])
+    with torch.no_grad():
+        for name, parameter in module.trained.items():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    x_t, t, embeds = torch.randn(2, 4, 16, 16), torch.tensor([300, 600]), module.encode(["a red circle", "a square"])
+    gradients, predictions = {}, {}
+    for detach in (False, True):
+        module.zero_grad()
+        with start_token_detached(module.unet) if detach else contextlib.nullcontext():
+            predictions[detach] = module.predict(x_t, t, embeds)
+        predictions[detach].square().mean().backward()
+        gradients[detach] = torch.cat([p.grad.flatten() for p in module.trained.values()])
+    assert torch.equal(predictions[True], predictions[False])
+    assert not torch.allclose(gradients[True], gradients[False])
