@@ -38,7 +38,9 @@ MAIN_KEYS = [
 
 def usage() -> str:
     keys = "\n".join(f"  {key:<20} {text}" for key, text in MAIN_KEYS)
-    return f"{__doc__}\nrecipes: {', '.join(available_recipes())}\n\nmain keys:\n{keys}\n"
+    protocols = "\n".join(f"  {name:<20} {protocol.summary}" for name, protocol in PROTOCOLS.items())
+    return (f"{__doc__}\nrecipes: {', '.join(available_recipes())}\n\nprotocols:\n{protocols}\n\n"
+            f"main keys:\n{keys}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ from erasure.io import atomic_write_text
 LABEL_COLUMNS = ("concept", "class", "artist", "label")
 PROMPT_COLUMNS = ("prompt", "caption")
 SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
-SUITES = ("target", "synonym", "retained", "fidelity")
 
 
 @dataclass(frozen=True)
