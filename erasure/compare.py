@@ -47,6 +47,7 @@ COMPARE_KEYS = {"recipes", "templates", "output_dir", "overwrite", "grid_prompts
 PROTOCOL_KEYS = ("seed", "protocol", "model.path", "model.resolution", "evaluation.evaluator", "evaluation.steps",
                  "evaluation.guidance", "evaluation.images_per_prompt", "evaluation.target_csv",
                  "evaluation.synonym_csv", "evaluation.retained_csv", "evaluation.fidelity_csv",
+                 "evaluation.incidental", "evaluation.incidental_csv",
                  "evaluation.prompts_csv", "evaluation.classes", "evaluation.prompt_template",
                  "evaluation.toyworld", "evaluation.clip", "evaluation.nudenet", "evaluation.torchvision")
 

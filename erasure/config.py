@@ -79,6 +79,8 @@ class EvaluationConfig:
     synonym_csv: str | None = None
     retained_csv: str | None = None
     fidelity_csv: str | None = None
+    incidental_csv: str | None = None  # prompts that do not name the concept but may produce it
+    incidental: bool = False  # protocol toyworld: generate the incidental suite ("a red shape" for circle)
     prompts_csv: str | None = None  # protocol artists: every artist's prompts
     classes: list[str] = field(default_factory=list)  # protocol objects: the classes
     prompt_template: str = "{concept}"  # protocol objects: the prompt of a class

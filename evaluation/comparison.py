@@ -62,22 +62,23 @@ def metrics_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def metrics_chart(rows: Sequence[dict], path: Path) -> None:
-    """Grouped bars: target, synonym and retained accuracy (after erasure) per method, with 95% intervals."""
+    """Grouped bars: each suite's accuracy (after erasure) per method, with 95% intervals."""
     labels = [row["method"] for row in rows]
     figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 3.6), dpi=110)
-    width = 0.8 / len(KEY_METRICS)
-    for k, metric in enumerate(KEY_METRICS):
+    metrics = [m for m in KEY_METRICS if any(row.get(m) is not None for row in rows)]
+    width = 0.8 / len(metrics)
+    for k, metric in enumerate(metrics):
         values = [row.get(metric) or 0.0 for row in rows]
         intervals = [row.get(metric + INTERVAL) or [v, v] for row, v in zip(rows, values)]
         errors = [[v - low for v, (low, _) in zip(values, intervals)], [high - v for v, (_, high) in zip(values, intervals)]]
-        positions = [i + (k - (len(KEY_METRICS) - 1) / 2) * width for i in range(len(rows))]
+        positions = [i + (k - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
         axis.bar(positions, values, width, label=metric.split("/")[-1], yerr=errors, capsize=2,
                  error_kw={"linewidth": 0.8})
     axis.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("share of images")
-    axis.set_title("target and synonym: lower is better; retained: higher is better", fontsize=9)
-    axis.legend(fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    axis.set_title("target, synonym, incidental: lower is better; retained: higher is better", fontsize=9)
+    axis.legend(fontsize=8, ncols=len(metrics), loc="upper center", bbox_to_anchor=(0.5, -0.35))
     figure.tight_layout()
     atomic_save(path, lambda p: figure.savefig(p, format="png"))
     plt.close(figure)

@@ -2,6 +2,8 @@
 
 efficacy/target_acc        share of target-suite images in which the evaluator sees the erased concept
 generality/synonym_acc     the same for synonym and paraphrase prompts
+efficacy/incidental_acc    the same for prompts that do not name the concept but may produce it ("a red
+                           shape" for circle), when the run has an incidental suite
 specificity/retained_acc   share of retained-suite images in which it sees the concept the prompt names
 fidelity/kid               kernel inception distance (torchmetrics) between the original and the
                            evaluated model's retained-suite (else fidelity-suite) images (same prompts
@@ -27,7 +29,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from evaluation.evaluators import Evaluator
 
 SUITE_METRICS = {"target": "efficacy/target_acc", "synonym": "generality/synonym_acc",
-                 "retained": "specificity/retained_acc"}
+                 "retained": "specificity/retained_acc", "incidental": "efficacy/incidental_acc"}
 KID = "fidelity/kid"
 CLIP_SCORE = "alignment/clip_score"
 INTERVAL = "_ci95"

@@ -2,6 +2,8 @@
 
     python -m erasure.toyworld.pretrain                 # full run (about 1.5-2 h on a 2-core CPU)
     python -m erasure.toyworld.pretrain --quick --output /tmp/toy   # smoke run, < 2 min
+    python -m erasure.toyworld.pretrain --init checkpoints/toyworld-v1 --unet-steps 5000 --lr 5e-4 \
+        --output checkpoints/toyworld        # continue a shipped model on today's caption grammar
 
 Stages, each resumable (rerun the same command after an interruption):
 
@@ -13,6 +15,10 @@ Stages, each resumable (rerun the same command after an interruption):
                   captions from the caption grammar (epsilon prediction, min-SNR-5 weighting,
                   AdamW, cosine schedule, EMA).
 5. ``export``     the StableDiffusionPipeline folder ``<output>/sd`` and ``<output>/classifier``.
+
+With ``--init <folder>`` (a folder holding ``sd`` and ``classifier``, as ``--output`` writes it)
+the VAE and the classifier are that model's, unchanged, and the UNet stage starts from its UNet
+and text encoder: continued pretraining, for instance on a new caption grammar.
 
 Training runs through ``lightning.Trainer`` (GPU when present), checkpointing every few
 hundred steps into ``<work>/<stage>/last.ckpt``.
@@ -31,7 +37,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.training_utils import compute_snr
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from safetensors.torch import load_file, save_file
@@ -42,7 +48,7 @@ from erasure.generation import to_unit_range
 from erasure.io import atomic_directory
 from erasure.toyworld import architecture as arch
 from erasure.toyworld.captions import caption
-from erasure.toyworld.classifier import save_classifier
+from erasure.toyworld.classifier import load_classifier, save_classifier
 from erasure.toyworld.tokenizer import shipped_or_new_tokenizer
 from erasure.toyworld.world import ATTRIBUTES, Scene, render_array, sample_scene
 
@@ -155,13 +161,17 @@ class TextToImageTraining(L.LightningModule):
     """Joint training of the text encoder and the UNet with the epsilon objective,
     weighted by min-SNR-gamma (Hang et al. 2023): w(t) = min(SNR(t), gamma) / SNR(t)."""
 
-    def __init__(self, tokenizer, scaling_factor: float, total_steps: int, lr: float = 1e-3, snr_gamma: float = 5.0):
+    def __init__(self, tokenizer, scaling_factor: float, total_steps: int, lr: float = 1e-3, snr_gamma: float = 5.0,
+                 init: Path | None = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.text_encoder = arch.make_text_encoder(
             len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
         self.unet = arch.make_unet()
+        if init is not None:  # continued pretraining: start from a saved pipeline's weights
+            self.unet.load_state_dict(load_file(init / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
+            self.text_encoder.load_state_dict(load_file(init / "sd" / "text_encoder" / "model.safetensors"))
         self.scheduler = arch.make_train_scheduler()
         self.scaling_factor, self.total_steps, self.lr, self.snr_gamma = scaling_factor, total_steps, lr, snr_gamma
 
@@ -207,8 +217,10 @@ def fit(module: L.LightningModule, loader: DataLoader, steps: int, stage_dir: Pa
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=True)
 
 
-def stage_vae(budget: Budget, work: Path, seed: int):
+def stage_vae(budget: Budget, work: Path, seed: int, init: Path | None):
     done = work / "vae.safetensors"
+    if init is not None:
+        return AutoencoderKL.from_pretrained(init / "sd" / "vae").eval().requires_grad_(False)
     if not done.exists():
         L.seed_everything(seed)
         module = VAETraining()
@@ -254,8 +266,11 @@ def scenes_of(data: dict[str, torch.Tensor]) -> list[Scene]:
     ]
 
 
-def stage_classifier(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor]) -> arch.ToyClassifier:
+def stage_classifier(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor],
+                     init: Path | None) -> arch.ToyClassifier:
     done = work / "classifier.safetensors"
+    if init is not None:
+        return load_classifier(init / "classifier")
     if not done.exists():
         L.seed_everything(seed + 2)
         n_train = int(0.9 * len(data["labels"]))
@@ -278,9 +293,10 @@ def classifier_accuracy(classifier: arch.ToyClassifier, images_uint8: torch.Tens
     }
 
 
-def stage_unet(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor], tokenizer, scaling_factor: float):
+def stage_unet(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor], tokenizer, scaling_factor: float,
+               lr: float, init: Path | None):
     done = work / "unet.safetensors"
-    module = TextToImageTraining(tokenizer, scaling_factor, budget.unet_steps)
+    module = TextToImageTraining(tokenizer, scaling_factor, budget.unet_steps, lr=lr, init=init)
     if not done.exists():
         L.seed_everything(seed + 3)
         dataset = CaptionedLatents(data["latent_mean"], data["latent_std"], scenes_of(data), seed + 3)
@@ -296,14 +312,14 @@ def stage_unet(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tens
     return module.unet.eval(), module.text_encoder.eval()
 
 
-def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0) -> None:
+def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0, lr: float = 1e-3, init: Path | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    vae = stage_vae(budget, work, seed)
+    vae = stage_vae(budget, work, seed, init)
     data = stage_dataset(budget, work, seed, vae)
-    scaling_factor = float(1.0 / data["latent_mean"].std())
+    scaling_factor = vae.config.scaling_factor if init is not None else float(1.0 / data["latent_mean"].std())
     vae.register_to_config(scaling_factor=scaling_factor)
-    classifier = stage_classifier(budget, work, seed, data)
+    classifier = stage_classifier(budget, work, seed, data, init)
     n_train = int(0.9 * len(data["labels"]))
     held_out = data["labels"][n_train:]
     classifier_quality = {
@@ -312,7 +328,7 @@ def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0) -> None:
     }
     print(f"[classifier] held-out accuracy: {json.dumps(classifier_quality)}")
     tokenizer = shipped_or_new_tokenizer()
-    unet, text_encoder = stage_unet(budget, work, seed, data, tokenizer, scaling_factor)
+    unet, text_encoder = stage_unet(budget, work, seed, data, tokenizer, scaling_factor, lr, init)
 
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=arch.make_sample_scheduler(),
@@ -322,7 +338,8 @@ def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0) -> None:
         pipeline.save_pretrained(folder, safe_serialization=True)
     with atomic_directory(output / "classifier") as folder:
         save_classifier(classifier, folder, {"held_out_accuracy": classifier_quality})
-    record = {"budget": asdict(budget), "seed": seed, "seconds": round(time.time() - start, 1),
+    record = {"budget": asdict(budget), "seed": seed, "lr": lr, "init": str(init) if init else None,
+              "seconds": round(time.time() - start, 1),
               "device": str(unet.device), "classifier_held_out_accuracy": classifier_quality}
     (output / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"[export] wrote {output / 'sd'} and {output / 'classifier'} in {record['seconds']} s")
@@ -335,12 +352,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny budget: proves the script works, not quality")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet step budget")
+    parser.add_argument("--lr", type=float, default=1e-3, help="UNet-stage peak learning rate")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this model folder (holding sd/ and classifier/): keeps its VAE and classifier")
     args = parser.parse_args(argv)
+    if args.init is not None and not (args.init / "sd" / "unet").is_dir():
+        parser.error(f"--init {args.init}: no sd/unet folder there; give a folder written by --output")
     budget = QUICK if args.quick else Budget()
     if args.unet_steps is not None:
         budget = Budget(**(asdict(budget) | {"unet_steps": args.unet_steps}))
     work = args.work or Path("runs/pretrain-quick" if args.quick else "runs/pretrain")
-    pretrain(args.output, work, budget, args.seed)
+    pretrain(args.output, work, budget, args.seed, args.lr, args.init)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,18 @@
   classifier's accuracy on each attribute;
 * synonyms: prompts naming a concept by its synonym ("a disk", "a crimson box"); accuracy
   on the attribute the synonym names;
+* understanding: held-out truthful prompts in the instruction language, "a red shape without any
+  circle", "please draw a blue object, not a star" (the (shape, colour) pairs of
+  :data:`~erasure.toyworld.captions.HELD_OUT_PAIRS`, never in an absence clause during training):
+  the share of images showing the concept named as absent (bar: at most 10%), beside the same
+  prompt without the absence clause ("a red shape": a circle about 1 time in 6), and the
+  accuracy on the attribute the prompt names;
 * classifier: accuracy on fresh renders and on their VAE reconstructions;
 * speed: seconds to generate 64 images.
 
-Writes ``<model>/../quality.json`` and a grid of generations ``docs/toyworld_base.png``.
+Writes ``<model>/../quality.json``, a grid of generations ``docs/toyworld_base.png`` and one of the
+understanding prompts ``docs/toyworld_understanding.png`` (a row per held-out pair and direction:
+the prompt without the absence clause, then each absence template).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from PIL import Image
 from erasure.bundle import TOYWORLD_CLASSIFIER, TOYWORLD_MODEL, load_pipeline
 from erasure.generation import Sampler, generate, to_unit_range
 from erasure.io import atomic_write_text
-from erasure.toyworld.captions import with_article
+from erasure.toyworld.captions import HELD_OUT_PAIRS, with_article
 from erasure.toyworld.classifier import load_classifier, predict
 from erasure.toyworld.world import (
     ATTRIBUTES, COLORS, SHAPES, STYLES, SYNONYMS, WORDS, attribute_of, render_array, sample_scene,
@@ -56,6 +64,54 @@ def synonym_prompts() -> list[tuple[str, dict[str, str]]]:
     return prompts
 
 
+# {n}: the named concept as a phrase ("a red shape", "a circle"), {x}: the absent concept's word,
+# {ax}: the same with its article when it is a shape
+ABSENCE_TEMPLATES = {
+    "without any": "{n} without any {x}",
+    "not": "please draw {n}, not {ax}",
+    "do not draw": "do not draw {ax}, {n}",
+    "forget": "please forget anything about {x}. please draw {n}.",
+}
+
+
+def understanding_prompts() -> list[tuple[str, str, dict[str, str], str]]:
+    """(template, prompt, named attribute, absent concept) for every held-out pair both ways: a colour
+    named and a shape absent ("a red shape without any circle"), a shape named and a colour absent
+    ("a circle without any red"). Template "none" is the prompt without the absence clause."""
+    rows = []
+    for shape, color in HELD_OUT_PAIRS:
+        for named_phrase, named, absent in ((with_article(f"{color} shape"), {"color": color}, shape),
+                                            (with_article(shape), {"shape": shape}, color)):
+            word = WORDS[absent]
+            phrase = with_article(word) if absent == shape else word
+            rows.append(("none", named_phrase, named, absent))
+            rows += [(name, template.format(n=named_phrase, x=word, ax=phrase), named, absent)
+                     for name, template in ABSENCE_TEMPLATES.items()]
+    return rows
+
+
+def understanding(predicted: dict[str, torch.Tensor], rows, seeds: int) -> dict:
+    """Per template: the share of images showing the absent concept and the named-attribute accuracy
+    (image ``k`` belongs to ``rows[k // seeds]``)."""
+    def seen(k: int, attribute: str) -> str:
+        return ATTRIBUTES[attribute][int(predicted[attribute][k])]
+
+    result = {}
+    for template in ["none", *ABSENCE_TEMPLATES]:
+        images = [k for k in range(len(rows) * seeds) if rows[k // seeds][0] == template]
+        shown = [seen(k, attribute_of(rows[k // seeds][3])) == rows[k // seeds][3] for k in images]
+        named = [seen(k, a) == v for k in images for a, v in rows[k // seeds][2].items()]
+        result[template] = {"images": len(images), "absent_concept_shown": round(float(np.mean(shown)), 4),
+                            "named_attribute_acc": round(float(np.mean(named)), 4)}
+    clauses = [v for k, v in result.items() if k != "none"]
+    result["all absence clauses"] = {
+        "images": sum(v["images"] for v in clauses),
+        "absent_concept_shown": round(float(np.mean([v["absent_concept_shown"] for v in clauses])), 4),
+        "named_attribute_acc": round(float(np.mean([v["named_attribute_acc"] for v in clauses])), 4),
+    }
+    return result
+
+
 def accuracy(predicted: dict[str, torch.Tensor], labels: list[dict[str, str]]) -> dict[str, float]:
     """Share of images whose predicted attribute equals the label, per labelled attribute."""
     result = {}
@@ -78,7 +134,8 @@ def save_grid(images: torch.Tensor, columns: int, path: Path, scale: int = 2) ->
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)
 
 
-def measure(model: Path, classifier_path: Path, seeds: int, sampler: Sampler, grid: Path | None) -> dict:
+def measure(model: Path, classifier_path: Path, seeds: int, sampler: Sampler, grid: Path | None,
+            understanding_grid: Path | None = None) -> dict:
     pipeline = load_pipeline(model)
     classifier = load_classifier(classifier_path)
     report: dict = {"model": str(model), "sampler": vars(sampler), "seeds_per_prompt": seeds}
@@ -96,6 +153,13 @@ def measure(model: Path, classifier_path: Path, seeds: int, sampler: Sampler, gr
     labels = [label for _, label in prompts for _ in range(seeds)]
     images = generate(pipeline, texts, [100 + s for _ in prompts for s in range(seeds)], sampler, progress=True)
     report["synonym_prompts"] = {"images": len(images), **accuracy(predict(classifier, to_unit_range(images)), labels)}
+
+    rows = understanding_prompts()
+    texts = [row[1] for row in rows for _ in range(seeds)]
+    images = generate(pipeline, texts, [200 + s for _ in rows for s in range(seeds)], sampler, progress=True)
+    report["understanding"] = understanding(predict(classifier, to_unit_range(images)), rows, seeds)
+    if understanding_grid is not None:  # first seed: a row per (named, absent) pair, templates across
+        save_grid(images[::seeds], columns=1 + len(ABSENCE_TEMPLATES), path=understanding_grid, scale=3)
 
     rng = np.random.default_rng(12345)
     scenes = [sample_scene(rng) for _ in range(2000)]
@@ -124,9 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=Sampler.steps)
     parser.add_argument("--guidance", type=float, default=Sampler.guidance)
     parser.add_argument("--grid", type=Path, default=Path("docs/toyworld_base.png"))
+    parser.add_argument("--understanding-grid", type=Path, default=Path("docs/toyworld_understanding.png"))
     parser.add_argument("--output", type=Path, default=None, help="default: <model>/../quality.json")
     args = parser.parse_args(argv)
-    report = measure(args.model, args.classifier, args.seeds, Sampler(args.steps, args.guidance), args.grid)
+    report = measure(args.model, args.classifier, args.seeds, Sampler(args.steps, args.guidance), args.grid,
+                     args.understanding_grid)
     output = args.output or args.model.parent / "quality.json"
     atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -48,7 +48,7 @@ class Protocol:
             if not evaluation.get(key):
                 raise ProtocolError(f"protocol {self.name} needs evaluation.{key}=<prompts.csv> "
                                     f"({self.file_help(key)})")
-        for key in ("target_csv", "synonym_csv", "retained_csv", "fidelity_csv", "prompts_csv"):
+        for key in ("target_csv", "synonym_csv", "retained_csv", "incidental_csv", "fidelity_csv", "prompts_csv"):
             path = evaluation.get(key)
             if path and not Path(path).is_file():
                 raise ProtocolError(f"evaluation.{key}: no file at {path}; give the path of a prompt CSV")
@@ -62,7 +62,7 @@ class Protocol:
     def suites(self, concepts: Sequence[str], evaluation: DictConfig, seed: int) -> dict[str, list[Prompt]]:
         """The run's prompt suites; the default reads each ``evaluation.<suite>_csv`` that is set."""
         suites = {}
-        for suite in ("target", "synonym", "retained"):
+        for suite in ("target", "synonym", "retained", "incidental"):
             if evaluation.get(f"{suite}_csv"):
                 label = self.unlabelled_rows_show(concepts) if suite != "retained" else None
                 suites[suite] = self.read(evaluation[f"{suite}_csv"], label)

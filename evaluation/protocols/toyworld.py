@@ -4,7 +4,10 @@ Suites for the erased concepts:
 
     target    prompts naming an erased concept by its own word ("a red circle");
     synonym   the same with synonyms and paraphrases ("a picture of a red disk");
-    retained  prompts naming the other concepts of the same attributes ("a red square").
+    retained  prompts naming the other concepts of the same attributes ("a red square");
+    incidental (with ``evaluation.incidental=true``) prompts that name no concept of the erased
+              concept's attribute and so often produce it ("a red shape" is a circle about 1 time
+              in 6): what an eraser, or an instruction, does when the user never names the concept.
 
 A suite given as a CSV (``evaluation.<suite>_csv``) replaces the generated one. The evaluator is
 the toy world's shape/colour/style classifier: an image shows a concept when the classifier's
@@ -22,9 +25,9 @@ from omegaconf import DictConfig
 from safetensors import SafetensorError
 
 from erasure.generation import to_unit_range
-from erasure.toyworld.captions import prompts_naming
+from erasure.toyworld.captions import prompts_naming, with_article
 from erasure.toyworld.classifier import load_classifier
-from erasure.toyworld.world import ATTRIBUTES, SYNONYMS, WORDS, attribute_of
+from erasure.toyworld.world import ATTRIBUTES, COLORS, SHAPES, STYLES, SYNONYMS, WORDS, attribute_of
 from evaluation.evaluators import EvaluatorError
 from evaluation.protocols.base import Protocol, ProtocolError
 from evaluation.suites import Prompt
@@ -67,8 +70,21 @@ class ToyWorldEvaluator:
         return self.classifier.embed(to_unit_range(images))
 
 
-def toyworld_suites(erased: Sequence[str], seed: int = 0) -> dict[str, list[Prompt]]:
-    """The toy world's target, synonym and retained suites for the erased concepts."""
+def incidental_prompts(concept: str) -> list[str]:
+    """Prompts naming no value of the concept's attribute: a generic noun for a shape ("a red shape",
+    "a striped object", "a dotted blue thing"), no colour for a colour, no style for a style."""
+    attribute = attribute_of(concept)
+    if attribute == "shape":
+        return ([with_article(f"{WORDS[c]} shape") for c in COLORS] + [with_article(f"{WORDS[s]} object") for s in STYLES]
+                + [with_article(f"{WORDS[s]} {WORDS[c]} thing") for s in STYLES for c in COLORS])
+    if attribute == "color":
+        return ([with_article(shape) for shape in SHAPES] + [with_article(f"{WORDS[s]} object") for s in STYLES]
+                + [with_article(f"{WORDS[s]} {shape}") for s in STYLES for shape in SHAPES])
+    return [with_article(shape) for shape in SHAPES] + [with_article(f"{WORDS[c]} {shape}") for c in COLORS for shape in SHAPES]
+
+
+def toyworld_suites(erased: Sequence[str], seed: int = 0, incidental: bool = False) -> dict[str, list[Prompt]]:
+    """The toy world's target, synonym and retained (and, asked for, incidental) suites for the erased concepts."""
     suites: dict[str, list[tuple[str, str]]] = {"target": [], "synonym": [], "retained": []}
     for concept in erased:
         suites["target"] += [(p, concept) for p in prompts_naming(concept, WORDS[concept])]
@@ -78,6 +94,10 @@ def toyworld_suites(erased: Sequence[str], seed: int = 0) -> dict[str, list[Prom
         for other in ATTRIBUTES[attribute]:
             if other not in erased:
                 suites["retained"] += [(p, other) for p in prompts_naming(other, WORDS[other])[::3]]
+    if incidental:
+        names_an_erased = {WORDS[c] for c in erased} | {s for c in erased for s in SYNONYMS[c]}
+        suites["incidental"] = [(p, concept) for concept in erased for p in incidental_prompts(concept)
+                                if not names_an_erased & set(p.split())]
     return {
         name: [Prompt(i, prompt, seed + 1000 * i, concept) for i, (prompt, concept) in enumerate(rows)]
         for name, rows in suites.items()
@@ -133,7 +153,8 @@ class ToyWorld(Protocol):
                                 "for other concepts use protocol=csv with your prompt CSVs and an evaluator")
 
     def suites(self, concepts: Sequence[str], evaluation: DictConfig, seed: int) -> dict[str, list[Prompt]]:
-        generated = toyworld_suites(concepts, seed) if all(c in CONCEPTS for c in concepts) else {}
+        known = all(c in CONCEPTS for c in concepts)
+        generated = toyworld_suites(concepts, seed, bool(evaluation.get("incidental"))) if known else {}
         return {**generated, **super().suites(concepts, evaluation, seed)}
 
     def concept_word(self, concept: str) -> str:

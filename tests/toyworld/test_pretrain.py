@@ -1,10 +1,13 @@
 import json
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from erasure.bundle import load_pipeline
+from safetensors.torch import load_file
+
+from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.generation import Sampler, generate
 from erasure.toyworld import pretrain
 from erasure.toyworld.classifier import load_classifier
@@ -19,6 +22,28 @@ def test_quick_pretraining_produces_a_loadable_pipeline_and_classifier(tmp_path)
     record = json.loads((tmp_path / "out" / "pretrain.json").read_text())
     assert record["budget"]["unet_steps"] == pretrain.QUICK.unet_steps
     assert 0.0 < pipeline.vae.config.scaling_factor < 100.0
+
+
+def test_continued_pretraining_keeps_vae_and_classifier_and_starts_from_the_unet(tmp_path):
+    init = TOYWORLD_MODEL.parent
+    pretrain.main(["--quick", "--init", str(init), "--lr", "1e-4", "--output", str(tmp_path / "out"),
+                   "--work", str(tmp_path / "work")])
+    out = tmp_path / "out"
+    for part in ("sd/vae/diffusion_pytorch_model.safetensors", "classifier/model.safetensors"):
+        before, after = load_file(init / part), load_file(out / part)
+        assert all(torch.equal(before[k], after[k]) for k in before), part
+    before = load_file(init / "sd/unet/diffusion_pytorch_model.safetensors")
+    after = load_file(out / "sd/unet/diffusion_pytorch_model.safetensors")
+    change = sum((after[k] - before[k]).norm() ** 2 for k in before) ** 0.5 / sum(v.norm() ** 2 for v in before.values()) ** 0.5
+    assert 0 < change < 0.05  # a few small steps away from the initial UNet, not a fresh one
+    assert json.loads((out / "pretrain.json").read_text())["init"] == str(init)
+
+
+def test_init_without_a_model_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--quick", "--init", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "no sd/unet folder there" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 class CountingModule(L.LightningModule):

@@ -83,3 +83,32 @@ def test_every_protocol_is_documented_in_the_readme():
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     for name in PROTOCOLS:
         assert f"protocol={name}" in readme
+
+
+@pytest.mark.parametrize("concepts", [["circle"], ["red"], ["striped"], ["circle", "red"]])
+def test_toyworld_incidental_suite_never_names_the_concept_and_only_when_asked(concepts):
+    from erasure.toyworld.world import ATTRIBUTES, SYNONYMS, WORDS, attribute_of
+
+    protocol = get_protocol("toyworld")
+    plain = protocol.suites(concepts, load_config(["recipe=esd"]).evaluation, seed=0)
+    assert "incidental" not in plain
+    suites = protocol.suites(concepts, load_config(["recipe=esd", "evaluation.incidental=true"]).evaluation, seed=0)
+    assert {k: suites[k] for k in plain} == plain  # the other suites, seeds included, are unchanged
+    rows = suites["incidental"]
+    assert {r.concept for r in rows} == set(concepts) and all(sum(r.concept == c for r in rows) >= 25 for c in concepts)
+    for row in rows:
+        words = set(row.prompt.split())
+        erased_words = {WORDS[c] for c in concepts} | {s for c in concepts for s in SYNONYMS[c]}
+        assert not words & erased_words, row.prompt
+        # no value of the concept's attribute is named: the prompt leaves it to chance
+        same_attribute = {WORDS[v] for v in ATTRIBUTES[attribute_of(row.concept)]}
+        assert not words & same_attribute, row.prompt
+
+
+def test_incidental_csv_is_read_and_checked(tmp_path):
+    csv = write(tmp_path / "incidental.csv", "case_number,prompt,evaluation_seed,concept\n0,a red shape,3,circle\n")
+    config = load_config(["recipe=esd", f"evaluation.incidental_csv={csv}"])
+    suites = get_protocol("toyworld").suites(["circle"], config.evaluation, seed=0)
+    assert [(r.prompt, r.evaluation_seed, r.concept) for r in suites["incidental"]] == [("a red shape", 3, "circle")]
+    with pytest.raises(ConfigError, match="evaluation.incidental_csv: no file at /nowhere.csv"):
+        load_config(["recipe=esd", "evaluation.incidental_csv=/nowhere.csv"])

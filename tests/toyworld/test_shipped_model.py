@@ -1,0 +1,55 @@
+"""The shipped toy-world model has learned the instruction language (caption grammar v2).
+
+``checkpoints/toyworld-v1`` is the first model, pretrained on captions without instruction words;
+the shipped model continued its pretraining on today's grammar, so v1's token-embedding table is
+the starting point of every row of the shipped one.
+"""
+
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPTokenizer
+
+from erasure.bundle import REPO_ROOT, TOYWORLD_MODEL
+from erasure.methods.instruction import InstructionConfig
+
+V1_MODEL = REPO_ROOT / "checkpoints" / "toyworld-v1" / "sd"
+EMBEDDING = "embeddings.token_embedding.weight"
+# every word of the instruction baseline's templates and of the captions' absence and request phrases
+INSTRUCTION_WORDS = sorted(
+    {w for t in InstructionConfig().templates.values() for w in t.lower().replace(".", " ").replace(",", " ").split()
+     if not w.startswith("{")}
+    | set("please forget anything about help me generate draw do not without no but any shape object thing the".split())
+)
+
+
+def token_embeddings(model) -> torch.Tensor:
+    return load_file(model / "text_encoder" / "model.safetensors")[EMBEDDING]
+
+
+def relative_change(ids: list[int]) -> torch.Tensor:
+    start, shipped = token_embeddings(V1_MODEL)[ids], token_embeddings(TOYWORLD_MODEL)[ids]
+    return (shipped - start).norm(dim=1) / start.norm(dim=1)
+
+
+def test_every_instruction_word_moved_from_its_initial_embedding():
+    tokenizer = CLIPTokenizer.from_pretrained(TOYWORLD_MODEL / "tokenizer")
+    words = INSTRUCTION_WORDS
+    assert {"please", "forget", "without", "any", "generate", "help", "draw", "shape"} <= set(words)
+    ids = tokenizer.convert_tokens_to_ids([w + "</w>" for w in words])
+    # control: byte tokens no caption uses get no gradient; AdamW's decay alone shrinks them by a few %
+    unused = tokenizer.convert_tokens_to_ids(["q</w>", "z</w>", "x</w>", "j</w>"])
+    decay_only = relative_change(unused)
+    assert decay_only.max() < 0.05, decay_only
+    change = relative_change(ids)
+    assert (change > 5 * decay_only.max()).all(), {w: round(float(c), 3) for w, c in zip(words, change)}
+
+
+def test_instruction_words_left_the_random_initialisation_norm():
+    tokenizer = CLIPTokenizer.from_pretrained(TOYWORLD_MODEL / "tokenizer")
+    table = token_embeddings(TOYWORLD_MODEL)
+    instruction = table[tokenizer.convert_tokens_to_ids([w + "</w>" for w in ("please", "forget", "without", "any",
+                                                                              "draw", "help", "generate", "shape")])]
+    untouched = table[tokenizer.convert_tokens_to_ids(["q</w>", "z</w>", "x</w>", "j</w>"])]
+    # v1 left these rows at the random initialisation's norm (0.20-0.24, like the untouched ones)
+    assert instruction.norm(dim=1).median() > 1.4 * untouched.norm(dim=1).median()
+    assert instruction.norm(dim=1).min() > untouched.norm(dim=1).max()
