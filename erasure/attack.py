@@ -1,11 +1,15 @@
-"""Attack a finished erasure run: learn prompts that bring the erased concept back.
+"""Attack a finished erasure run: does the erased concept come back?
 
     python -m erasure.attack run=runs/esd/20261122-101500
     python -m erasure.attack run=<run dir> attacks=[inversion] attack.steps=400 attack.lr=1e-2
+    python -m erasure.attack run=<run dir> attacks=[embedding,relearn] attack.relearn_steps=[0,25,50,100]
+    python -m erasure.attack run=<run dir> attacks=[unlearndiffatk,ring_a_bell] attack.ring_a_bell_generations=100
 
 Writes <run>/attacks/<attack>.json (attack success rate next to the unattacked target accuracy,
-the budget, the loss curve) and <run>/attacks/<attack>.png (the attacked prompts' images), and
-prints a table. The attacks and their budgets are described in ``evaluation.attacks``.
+the budget, the loss curve; relearn: the rate after each step count and its control's) and
+<run>/attacks/<attack>.png (the attacked prompts' images), and prints a table. The attacks
+(inversion, soft_prompt, unlearndiffatk, ring_a_bell, embedding, relearn; all by default) and
+their budgets are described in ``evaluation.attacks``; nothing else in the run directory changes.
 """
 
 from __future__ import annotations
@@ -53,6 +57,16 @@ def attack_command(arguments: list[str]) -> None:
         print(f"| {result['attack']} | {result['method']} | {result['target_acc_original']:.2f} | "
               f"{result['target_acc_unattacked']:.2f} | {result['attack_success_rate']:.2f} [{low:.2f}, {high:.2f}] | "
               f"{result['seconds']} |")
+    for result in results.values():
+        if result["attack"] == "relearn":
+            steps = ", ".join(f"{k}: {r:.2f}" for k, r in zip(result["relearn_steps"], result["attack_success_rate_by_step"]))
+            print(f"relearn on {result['method']}, success rate after (steps: rate) {steps}")
+            control = result["control"]
+            if control.get("success_rate_by_step"):
+                rates = ", ".join(f"{k}: {r:.2f}" for k, r in zip(result["relearn_steps"], control["success_rate_by_step"]))
+                print(f"  control, teaching '{control['concept']}' the same way: {rates}")
+            else:
+                print(f"  {control['why']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from erasure.bundle import ModelLoadError
 from erasure.config import ConfigError
 from erasure.weights import DeltaError
+from evaluation.attacks import AttackConfigError
 
-BAD_INPUT = (ConfigError, ModelLoadError, DeltaError)  # exit code 2
+BAD_INPUT = (ConfigError, ModelLoadError, DeltaError, AttackConfigError)  # exit code 2
 
 
 def run_command(help_text: str, action: Callable[[list[str]], object], argv: list[str] | None,

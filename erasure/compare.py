@@ -36,7 +36,7 @@ from erasure.runs import Run, attack_run, load_run, train, train_in_subprocess
 from evaluation import comparison
 from evaluation.analysis.attention import attention_curve, concept_positions
 from evaluation.analysis.text import template_similarities
-from evaluation.attacks import ATTACKS, AttackConfig
+from evaluation.attacks import ATTACKS, AttackConfig, budget
 from evaluation.metrics import INTERVAL
 from evaluation.protocols import get_protocol
 from evaluation.report import image_grid
@@ -228,6 +228,8 @@ def add_attacks(rows: list[dict], runs: list[tuple[str, Run, Path]], options: Di
         for a in attacks:
             row[f"robustness/{a}_asr"] = results[a]["attack_success_rate"]
             row[f"robustness/{a}_asr{INTERVAL}"] = results[a]["attack_success_rate_ci95"]
+            if "pre_attack_success_rate" in results[a]:  # unlearndiffatk reports the share before its search
+                row[f"robustness/{a}_pre_asr"] = results[a]["pre_attack_success_rate"]
 
 
 def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict, runs, attack_budget: str = "") -> None:
@@ -236,6 +238,8 @@ def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict,
     table = comparison.metrics_table(rows, columns)
     atomic_write_text(output / "comparison.md", table + "\n")
     comparison.metrics_chart(rows[1:], output / "metrics.png")
+    if attack_budget:
+        comparison.robustness_chart(rows[1:], output / "robustness.png")
     text_columns = ["concept", "template", "pooled", "concept_token", "delta_pooled", "delta_concept_token"]
     lines = [
         f"# Comparison: erasing {', '.join(runs[0][1].config.concept)}", "",
@@ -250,7 +254,8 @@ def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict,
         "![metrics](metrics.png)", "",
         *(["Robustness: `robustness/<attack>_asr` is the attack success rate, the share of the attacked target "
             "prompts' images in which the evaluator sees the concept again (`evaluation.attacks`; budget: "
-            f"{attack_budget}).", ""] if attack_budget else []),
+            f"{attack_budget}). `unlearndiffatk_pre_asr` is the share before its search (the paper's pre-attack "
+            "success).", "", "![robustness against fidelity](robustness.png)", ""] if attack_budget else []),
         "## Text-encoder similarity (instruction templates)", "",
         "Cosine similarity between the plain prompt and its rewrite: pooled = the text encoder's pooled output "
         "(end token); concept_token = the hidden state of the concept's token in the plain prompt vs every "
@@ -283,11 +288,8 @@ def compare(arguments: list[str]) -> Path:
     if options.get("attacks"):
         add_attacks(rows, runs, options)
     attacks, attack_config = attack_settings(options)
-    budget = (f"{', '.join(attacks)}; {attack_config.steps} steps at lr {attack_config.lr}, batch "
-              f"{attack_config.batch_size}, {attack_config.images} original-model images, "
-              f"{attack_config.inversion_tokens} inversion token(s), {attack_config.soft_prompt_tokens} soft-prompt tokens"
-              if attacks else "")
-    write_report(output, rows, protocol, analysis, runs, budget)
+    budgets = "; ".join(f"{a}: " + ", ".join(f"{k} {v}" for k, v in budget(a, attack_config).items()) for a in attacks)
+    write_report(output, rows, protocol, analysis, runs, budgets)
     print(f"comparison of {len(runs)} runs -> {output / 'report.md'}")
     return output
 

@@ -147,7 +147,7 @@ def parse_overrides(arguments: list[str]) -> DictConfig:
             layers.append(OmegaConf.from_dotlist([argument]))
         except Exception as error:  # noqa: BLE001 - OmegaConf and its YAML parser raise several kinds: one line
             key = argument.split("=", 1)[0]
-            raise ConfigError(f"cannot parse the value of '{key}' in '{argument}' ({str(error).splitlines()[0]}); "
+            raise ConfigError(f"cannot parse the value of {key!r} in {argument!r} ({str(error).splitlines()[0]}); "
                               "quote text with spaces or brackets, e.g. concept=\"a, b\"") from None
     try:
         return OmegaConf.merge(OmegaConf.create(), *layers)

@@ -4,11 +4,16 @@ Every image has its own ``torch.Generator`` seeded with its own seed, so an imag
 (model, prompt, seed, sampler) and not on the other prompts in its batch. The same call gives
 bit-identical images; a different batch size can move a pixel by one level in 8 bits (batched
 float kernels round differently), which no metric here can see.
+
+A :class:`Guidance` replaces classifier-free guidance (inference-time methods such as Safe Latent
+Diffusion): the denoising loop then runs here, on the pipeline's own parts (prompt encoding,
+initial latents, scheduler, decoding), so a guidance that returns plain CFG gives the pipeline
+call's images bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +29,24 @@ class Sampler:
     steps: int = 25
     guidance: float = 6.0
     eta: float = 0.0
+
+
+GuidanceStep = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """A replacement for classifier-free guidance in :func:`generate`.
+
+    ``start(sampler)`` is called once per batch and returns that batch's step function
+    ``step(i, eps_uncond, eps_cond, eps_extra) -> eps``: the noise the scheduler steps with at
+    denoising step ``i`` (0-based) from the unconditional (negative-prompt) prediction, the prompt's
+    prediction and the prediction for ``extra_prompt`` (None without one). A fresh step function per
+    batch may keep state across the steps of its batch (a momentum), never across batches.
+    """
+
+    start: Callable[[Sampler], GuidanceStep]
+    extra_prompt: str | None = None
 
 
 def use_ddim(pipeline: StableDiffusionPipeline) -> None:
@@ -42,10 +65,12 @@ def generate(
     batch_size: int = 64,
     progress: bool = False,
     resolution: int | None = None,
+    guidance: Guidance | None = None,
 ) -> torch.Tensor:
     """Generate one image per (prompt, seed) pair; returns uint8 images (N, H, W, 3).
 
-    ``resolution`` (pixels) defaults to the model's native size.
+    ``resolution`` (pixels) defaults to the model's native size; ``guidance`` replaces
+    classifier-free guidance (None: the pipeline call itself).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
@@ -58,14 +83,55 @@ def generate(
     for start in tqdm(starts, desc="generating", unit="batch", disable=not progress or len(starts) < 2):
         stop = start + batch_size
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds[start:stop]]
-        output = pipeline(
-            prompt=list(prompts[start:stop]),
-            negative_prompt=None if negative_prompts is None else list(negative_prompts[start:stop]),
-            num_inference_steps=sampler.steps, guidance_scale=sampler.guidance, eta=sampler.eta,
-            generator=generators, output_type="np", height=resolution, width=resolution,
-        ).images
+        negatives = None if negative_prompts is None else list(negative_prompts[start:stop])
+        if guidance is None:
+            output = pipeline(
+                prompt=list(prompts[start:stop]), negative_prompt=negatives,
+                num_inference_steps=sampler.steps, guidance_scale=sampler.guidance, eta=sampler.eta,
+                generator=generators, output_type="np", height=resolution, width=resolution,
+            ).images
+        else:
+            output = guided_batch(pipeline, list(prompts[start:stop]), negatives, generators, sampler, guidance,
+                                  resolution)
         images.append(torch.from_numpy((np.clip(output, 0, 1) * 255).round().astype(np.uint8)))
     return torch.cat(images)
+
+
+def guided_batch(pipeline: StableDiffusionPipeline, prompts: list[str], negative_prompts: list[str] | None,
+                 generators: list[torch.Generator], sampler: Sampler, guidance: Guidance,
+                 resolution: int | None) -> np.ndarray:
+    """One batch of the pipeline call's DDIM loop with ``guidance`` in place of classifier-free
+    guidance; float images (N, H, W, 3) in [0, 1]. The unconditional and conditional predictions
+    are one UNet batch as in the pipeline call, the extra prediction a UNet call of its own, so the
+    first two are the pipeline's to the bit."""
+    device = pipeline._execution_device
+    size = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    cond, uncond = pipeline.encode_prompt(prompts, device, 1, True, negative_prompts)
+    both_embeds = torch.cat([uncond, cond])
+    extra_embeds = None
+    if guidance.extra_prompt is not None:
+        extra_embeds = pipeline.encode_prompt([guidance.extra_prompt] * len(prompts), device, 1, False)[0]
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(sampler.steps, device=device)
+    latents = pipeline.prepare_latents(len(prompts), pipeline.unet.config.in_channels, size, size, cond.dtype,
+                                       device, generators)
+    step_kwargs = pipeline.prepare_extra_step_kwargs(generators, sampler.eta)
+    step = guidance.start(sampler)
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        both = pipeline.unet(model_input, t, encoder_hidden_states=both_embeds, return_dict=False)[0]
+        eps_uncond, eps_cond = both.chunk(2)
+        eps_extra = None
+        if extra_embeds is not None:
+            eps_extra = pipeline.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra_embeds,
+                                      return_dict=False)[0]
+        eps = step(i, eps_uncond, eps_cond, eps_extra)
+        latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+    latents = latents / pipeline.vae.config.scaling_factor
+    image = pipeline.vae.decode(latents, return_dict=False, generator=generators)[0]
+    image, flagged = pipeline.run_safety_checker(image, device, cond.dtype)
+    denormalize = [True] * len(image) if flagged is None else [not f for f in flagged]
+    return pipeline.image_processor.postprocess(image, output_type="np", do_denormalize=denormalize)
 
 
 def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -35,10 +35,9 @@ from erasure.generation import Sampler
 from erasure.io import atomic_save, atomic_write_text
 from erasure.methods import METHODS
 from erasure.methods.base import EraserModule
-from evaluation.attacks import AttackConfig, run_attack
+from evaluation.attacks import AttackConfig, Target, budget, measure_attack
 from evaluation.callback import EvaluationCallback
 from evaluation.evaluators import Evaluator, EvaluatorError
-from evaluation.metrics import accuracy_with_interval
 from evaluation.protocols import build_evaluator, build_scorer, get_protocol
 from evaluation.report import comparison_grid
 from evaluation.suites import load_csv
@@ -238,7 +237,7 @@ def attack_run(run_dir: Path, attacks: list[str], config: AttackConfig) -> dict[
     results = {}
     for attack in attacks:
         path = Path(run_dir) / "attacks" / f"{attack}.json"
-        if path.exists() and json.loads(path.read_text())["budget"] == asdict(config):
+        if path.exists() and json.loads(path.read_text())["budget"] == budget(attack, config):
             results[attack] = json.loads(path.read_text())
             continue
         run = load_run(run_dir)
@@ -248,22 +247,24 @@ def attack_run(run_dir: Path, attacks: list[str], config: AttackConfig) -> dict[
             raise ConfigError(f"{run.path} was evaluated without an evaluator; attacks need one to count successes "
                               "(re-run it with evaluation.evaluator=...)")
         rows = load_csv(run.path / "prompts" / "target.csv")
-        sampler = Sampler(steps=evaluation.steps, guidance=evaluation.guidance)
-        per_prompt = evaluation.images_per_prompt
+        retained = run.path / "prompts" / "retained.csv"  # concepts the method kept: relearn's controls
+        controls = list(dict.fromkeys(r.concept for r in load_csv(retained))) if retained.is_file() else []
+        target = Target(run.module, rows, Sampler(steps=evaluation.steps, guidance=evaluation.guidance),
+                        evaluation.images_per_prompt, evaluator, get_protocol(run.config.protocol).concept_word,
+                        controls)
         started = time.perf_counter()
-        word = get_protocol(run.config.protocol).concept_word
-        images, prompts, losses = run_attack(attack, run.module, rows, config, sampler, per_prompt, word)
-        concepts = [r.concept for r in rows for _ in range(per_prompt)]
-        success = accuracy_with_interval(evaluator, images, concepts, "attack_success_rate")
+        outcome = measure_attack(attack, target, config)
+        fields = dict(outcome.fields)
+        success = {k: fields.pop(k) for k in ("attack_success_rate", "attack_success_rate_ci95")}
         result = {
             "attack": attack, "run": str(run.path), "method": run.config.method.name, **success,
             "target_acc_unattacked": run.metrics["after"].get("efficacy/target_acc"),
             "target_acc_original": run.metrics["before"].get("efficacy/target_acc"),
-            "budget": asdict(config), "seconds": round(time.perf_counter() - started, 1),
-            "example_prompt": prompts[0], "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)],
+            "budget": budget(attack, config), "seconds": round(time.perf_counter() - started, 1), **fields,
         }
-        unattacked = run.module.generate([r.prompt for r in rows for _ in range(per_prompt)],
-                                         [r.evaluation_seed + k for r in rows for k in range(per_prompt)], sampler)
+        per_prompt = target.images_per_prompt
+        unattacked = run.module.generate(target.prompts, target.seeds, target.sampler)
+        images, prompts = outcome.images, outcome.prompts
         comparison_grid(prompts[::per_prompt], unattacked, images, per_prompt, path.with_suffix(".png"),
                         titles=("erased, plain prompt", "erased, attacked prompt"))
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")

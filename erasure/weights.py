@@ -1,7 +1,9 @@
-"""The result of a weight edit: a UNet delta holding only the changed tensors.
+"""The result of a weight edit: a delta holding only the changed tensors.
 
 ``unet_delta.safetensors`` maps UNet parameter names (as in ``unet.state_dict()``) to their
-new values. Applying it to a freshly loaded base pipeline gives the erased model exactly.
+new values; a method that trains the text encoder adds its tensors as ``text_encoder.<name>``
+(``<name>`` as in ``text_encoder.state_dict()``). Applying it to a freshly loaded base pipeline
+gives the erased model exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from erasure.bundle import load_pipeline
 from erasure.io import atomic_directory, atomic_save_tensors
 
 DELTA_FILE = "unet_delta.safetensors"
+TEXT_ENCODER_PREFIX = "text_encoder."  # delta names of text-encoder tensors
 
 
 class DeltaError(ValueError):
@@ -37,24 +40,33 @@ def load_delta(path: Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def apply_delta(unet: torch.nn.Module, delta: dict[str, torch.Tensor] | Path) -> None:
-    """Overwrite the UNet's tensors named in ``delta`` with the delta's values."""
+def apply_delta(unet: torch.nn.Module, delta: dict[str, torch.Tensor] | Path,
+                text_encoder: torch.nn.Module | None = None) -> None:
+    """Overwrite the tensors named in ``delta`` with the delta's values: the UNet's, and the text
+    encoder's (names ``text_encoder.<name>``; ``text_encoder`` is then required)."""
     if not isinstance(delta, dict):
         delta = load_delta(Path(delta))
-    state = unet.state_dict()
+    unet_state = unet.state_dict()
+    text_encoder_state = text_encoder.state_dict() if text_encoder is not None else None
     for name, value in delta.items():
-        if name not in state:
-            raise DeltaError(f"the delta holds {name!r}, which this UNet does not have; was it made for another model?")
-        if state[name].shape != value.shape:
-            raise DeltaError(f"the delta's {name!r} has shape {tuple(value.shape)} but the UNet's is "
-                             f"{tuple(state[name].shape)}; was it made for another model?")
-        state[name].copy_(value.to(state[name].dtype))
+        state, key, owner = unet_state, name, "UNet"
+        if name.startswith(TEXT_ENCODER_PREFIX):
+            if text_encoder_state is None:
+                raise DeltaError(f"the delta holds the text-encoder tensor {name!r}; apply it with the text encoder "
+                                 "too (apply_delta(pipeline.unet, delta, pipeline.text_encoder))")
+            state, key, owner = text_encoder_state, name.removeprefix(TEXT_ENCODER_PREFIX), "text encoder"
+        if key not in state:
+            raise DeltaError(f"the delta holds {name!r}, which this {owner} does not have; was it made for another model?")
+        if state[key].shape != value.shape:
+            raise DeltaError(f"the delta's {name!r} has shape {tuple(value.shape)} but the {owner}'s is "
+                             f"{tuple(state[key].shape)}; was it made for another model?")
+        state[key].copy_(value.to(state[key].dtype))
 
 
 def export_pipeline(base: str | Path, delta_path: Path, output: Path) -> Path:
     """Save a full diffusers pipeline folder: the base model with the delta applied."""
     pipeline: StableDiffusionPipeline = load_pipeline(base)
-    apply_delta(pipeline.unet, delta_path)
+    apply_delta(pipeline.unet, delta_path, pipeline.text_encoder)
     with atomic_directory(Path(output)) as folder:
         pipeline.save_pretrained(folder, safe_serialization=True)
         (folder / "erasure.json").write_text(json.dumps({"base": str(base), "delta": str(delta_path)}) + "\n")

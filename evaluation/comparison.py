@@ -84,6 +84,37 @@ def metrics_chart(rows: Sequence[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def robustness_chart(rows: Sequence[dict], path: Path, fidelity: str = "specificity/retained_acc") -> None:
+    """Robustness against fidelity, one point per method: the worst-case (highest) attack success
+    rate over the attacks run against ``fidelity`` (retained accuracy by default), each attack's
+    own rate as a small mark on the same vertical line."""
+    attacks = sorted({k[len("robustness/"):-len("_asr")] for row in rows for k in row
+                      if k.startswith("robustness/") and k.endswith("_asr")})
+    figure, axis = plt.subplots(figsize=(7.2, 4.4), dpi=110)
+    markers = dict(zip(attacks, "ov^sDPX*"))
+    for row in rows:
+        rates = {a: row.get(f"robustness/{a}_asr") for a in attacks if row.get(f"robustness/{a}_asr") is not None}
+        if not rates or row.get(fidelity) is None:
+            continue
+        x = row[fidelity]
+        for attack, rate in rates.items():
+            axis.scatter(x, rate, s=14, marker=markers[attack], color="0.55", zorder=2)
+        worst = max(rates.values())
+        axis.scatter(x, worst, s=60, zorder=3)
+        axis.annotate(row["method"], (x, worst), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    for attack, marker in markers.items():
+        axis.scatter([], [], s=14, marker=marker, color="0.55", label=attack)
+    axis.set_xlabel(f"{fidelity.split('/')[-1]} (higher: the model keeps what it should)")
+    axis.set_ylabel("attack success rate (large dot: the strongest attack)")
+    axis.set_xlim(-0.02, 1.05)
+    axis.set_ylim(-0.02, 1.05)
+    axis.set_title("robust and faithful erasers sit bottom right", fontsize=9)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.tight_layout()
+    atomic_save(path, lambda p: figure.savefig(p, format="png"))
+    plt.close(figure)
+
+
 def attention_chart(curves: dict[str, torch.Tensor], path: Path, title: str) -> None:
     """Attention mass on the concept tokens per denoising step, one line per curve."""
     figure, axis = plt.subplots(figsize=(7.0, 3.8), dpi=110)

@@ -3,13 +3,15 @@
 It owns what all methods share:
 
 * the model bundle (a ``StableDiffusionPipeline``: tokenizer, text encoder, UNet, VAE,
-  scheduler), all frozen except the UNet tensors the method selects;
+  scheduler), all frozen except the tensors the method selects: UNet tensors, or text-encoder
+  tensors named ``text_encoder.<name>``;
 * frozen reference predictions eps*(x_t, c, t) *without a second UNet*: the original values of
-  the trained tensors are kept, and ``torch.func.functional_call`` evaluates the UNet with them;
+  the trained tensors are kept, and ``torch.func.functional_call`` evaluates the UNet (and the
+  text encoder, for the frozen conditioning c) with them;
 * prompt encoding through the pipeline's own ``encode_prompt``, cached per prompt;
 * partial DDIM sampling with classifier-free guidance (x_t for ESD-style objectives);
 * generation through the ordinary pipeline call (for the evaluation callback);
-* saving the result as a delta of the changed UNet tensors.
+* saving the result as a delta of the changed tensors.
 
 A method sets ``name``, a ``Config`` dataclass of its options, the layers it trains
 (``trained_layers``) and its objective (``objective``).
@@ -18,8 +20,9 @@ A method sets ``name``, a ``Config`` dataclass of its options, the layers it tra
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,7 +35,7 @@ from torch.utils.data import DataLoader
 from erasure import generation
 from erasure.layers import Selector, matching_modules
 from erasure.losses import LOSSES
-from erasure.weights import DELTA_FILE, DeltaError, load_delta, save_delta
+from erasure.weights import DELTA_FILE, TEXT_ENCODER_PREFIX, DeltaError, load_delta, save_delta
 
 
 @dataclass
@@ -77,7 +80,9 @@ class EraserModule(L.LightningModule):
         raise NotImplementedError
 
     def select_trainable(self) -> dict[str, torch.nn.Parameter]:
-        """The parameters of the UNet's Linear/Conv2d modules that :meth:`trained_layers` selects."""
+        """The parameters of the UNet's Linear/Conv2d modules that :meth:`trained_layers` selects.
+
+        A method that trains the text encoder returns its parameters as ``text_encoder.<name>``."""
         selector = self.trained_layers()
         if selector is None:
             return {}
@@ -87,6 +92,11 @@ class EraserModule(L.LightningModule):
         if not selected:
             raise ValueError(f"{self.name}: no UNet parameter matches {selector[0]!r}; is this a Stable Diffusion UNet?")
         return selected
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether some trained tensors are the text encoder's."""
+        return any(name.startswith(TEXT_ENCODER_PREFIX) for name in self.trained)
 
     def on_fit_start(self) -> None:
         self.original = {name: value.to(self.device) for name, value in self.original.items()}
@@ -130,18 +140,41 @@ class EraserModule(L.LightningModule):
 
     # ----- predictions ------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], cache: bool = True) -> torch.Tensor:
-        """Text-encoder hidden states (batch, tokens, width) through the pipeline's ``encode_prompt``.
+        """The current model's text-encoder hidden states (batch, tokens, width) through the pipeline's
+        ``encode_prompt``.
 
         Cached per prompt and without gradients by default; ``cache=False`` encodes afresh with
-        gradients (attacks that train token embeddings)."""
-        if not cache:
+        gradients (attacks that train token embeddings). While the method trains text-encoder
+        tensors, every call encodes afresh with gradients (a cached encoding would be stale after
+        the next step)."""
+        if not cache or self.trains_text_encoder:
             return self.pipeline.encode_prompt(list(prompts), self.device, 1, do_classifier_free_guidance=False)[0]
+        return self.encode_frozen(prompts)
+
+    def encode_frozen(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The original model's hidden states, the conditioning of :meth:`predict_frozen`; cached per
+        prompt, without gradients. The same as :meth:`encode` unless the method trains text-encoder
+        tensors; then the original tensors give them, through ``functional_call``."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             with torch.no_grad():
-                embeds, _ = self.pipeline.encode_prompt(missing, self.device, 1, do_classifier_free_guidance=False)
+                embeds = (self.encode_with_original_text_encoder(missing) if self.trains_text_encoder else
+                          self.pipeline.encode_prompt(missing, self.device, 1, do_classifier_free_guidance=False)[0])
             self._prompt_cache.update(zip(missing, embeds))
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
+
+    def encode_with_original_text_encoder(self, prompts: Sequence[str]) -> torch.Tensor:
+        """What ``encode_prompt`` (without clip skip) gives with the original text-encoder tensors."""
+        tokenizer = self.pipeline.tokenizer
+        tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        mask = tokens.attention_mask.to(self.device) if use_mask else None
+        original = {name.removeprefix(TEXT_ENCODER_PREFIX): value for name, value in self.original.items()
+                    if name.startswith(TEXT_ENCODER_PREFIX)}
+        hidden = functional_call(self.text_encoder, original, (tokens.input_ids.to(self.device),),
+                                 {"attention_mask": mask})[0]
+        return hidden.to(self.text_encoder.dtype)
 
     def forget_prompts(self) -> None:
         """Empty the prompt cache (after the text encoder or its token table changed)."""
@@ -159,21 +192,24 @@ class EraserModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_frozen(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """The original model's prediction eps*(x_t, c, t), from the saved original tensors."""
-        return functional_call(self.unet, self.original, (latents, timesteps), {"encoder_hidden_states": embeds}).sample
+        """The original model's prediction eps*(x_t, c, t), from the saved original tensors (``embeds``:
+        the original conditioning, :meth:`encode_frozen`)."""
+        original = {name: value for name, value in self.original.items() if not name.startswith(TEXT_ENCODER_PREFIX)}
+        return functional_call(self.unet, original, (latents, timesteps), {"encoder_hidden_states": embeds}).sample
 
     @torch.no_grad()
     def sample_until(self, embeds: torch.Tensor, stop: int, steps: int, guidance: float, generator: torch.Generator,
                      frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``stop`` of ``steps`` DDIM steps from pure noise with classifier-free guidance.
 
-        Returns (x_t, t): the partially denoised latents and the timestep they are at.
+        Returns (x_t, t): the partially denoised latents and the timestep they are at. ``frozen``:
+        sample with the original model (its UNet and unconditional encoding).
         """
         scheduler = DDIMScheduler.from_config(self.pipeline.scheduler.config)
         scheduler.set_timesteps(steps)
         shape = (len(embeds), self.unet.config.in_channels, self.latent_size, self.latent_size)
         latents = torch.randn(shape, generator=generator).to(self.device, embeds.dtype) * scheduler.init_noise_sigma
-        unconditional = self.encode([""] * len(embeds))
+        unconditional = (self.encode_frozen if frozen else self.encode)([""] * len(embeds))
         predict = self.predict_frozen if frozen else self.predict
         for t in scheduler.timesteps[:stop]:
             both = predict(torch.cat([latents, latents]), t, torch.cat([unconditional, embeds]))
@@ -221,6 +257,10 @@ class EraserModule(L.LightningModule):
         """(prompts, negative prompts) the erased model is sampled with; weight edits keep the prompts."""
         return list(prompts), None
 
+    def guidance_for_generation(self) -> generation.Guidance | None:
+        """What replaces classifier-free guidance when the erased model samples (None: nothing does)."""
+        return None
+
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], sampler: generation.Sampler,
                  original: bool = False, batch_size: int = 64,
                  negative_prompts: Sequence[str] | None = None) -> torch.Tensor:
@@ -239,7 +279,8 @@ class EraserModule(L.LightningModule):
             with weights:
                 return generation.generate(self.pipeline, prompts, seeds, sampler, negative_prompts=negatives,
                                            batch_size=batch_size, progress=True,
-                                           resolution=self.latent_size * self.pipeline.vae_scale_factor)
+                                           resolution=self.latent_size * self.pipeline.vae_scale_factor,
+                                           guidance=None if original else self.guidance_for_generation())
         finally:
             self.train(was_training)
 
@@ -247,7 +288,7 @@ class EraserModule(L.LightningModule):
         return {n: p.detach() for n, p in self.trained.items() if not torch.equal(p.detach(), self.original[n].to(p.device))}
 
     def save_erased(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``folder/unet_delta.safetensors`` with the changed UNet tensors only."""
+        """Write ``folder/unet_delta.safetensors`` with the changed tensors only (``erasure.weights``)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         info = {"method": self.name, "concepts": ",".join(self.concepts), **{k: str(v) for k, v in (metadata or {}).items()}}
@@ -267,5 +308,37 @@ class EraserModule(L.LightningModule):
 
     # Checkpoints carry the trained tensors only (a full SD UNet would be gigabytes per checkpoint).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = {f"unet.{name}" for name in self.trained}
+        keep = {name if name.startswith(TEXT_ENCODER_PREFIX) else f"unet.{name}" for name in self.trained}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+class InferenceTimeEraser(EraserModule):
+    """A method that changes no weight and acts at generation time only (prompt rewriting, guidance).
+
+    Its "training" is one step that stops the Trainer; its result is its rule, ``<name>.json``."""
+
+    edits_weights = False
+
+    def trained_layers(self) -> None:
+        return None  # nothing
+
+    def configure_optimizers(self):
+        return None
+
+    def training_step(self, step: int, batch_idx: int) -> None:
+        self.trainer.should_stop = True  # nothing to train
+
+    def rule(self) -> dict[str, Any]:
+        """What the method does at generation time, as written to ``<name>.json``."""
+        return {"concepts": self.concepts, **asdict(self.config)}
+
+    def save_erased(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
+        """No weights change: the result is the rule, ``<name>.json``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.name}.json"
+        path.write_text(json.dumps(self.rule(), indent=2) + "\n")
+        return path
+
+    def load_erased(self, folder: Path) -> None:
+        """Nothing to load: the rule is the run's config."""

@@ -17,14 +17,11 @@ Users add templates under ``method.templates`` in YAML.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
-from erasure.methods.base import EraserModule, MethodConfig
+from erasure.methods.base import InferenceTimeEraser, MethodConfig
 
 NEGATIVE_PROMPT = "negative_prompt"
 
@@ -47,26 +44,18 @@ class InstructionConfig(MethodConfig):
     apply_to: str = "naming"  # naming | all
 
 
-class Instruction(EraserModule):
+class Instruction(InferenceTimeEraser):
+    """The result is the rewriting rule, ``instruction.json``."""
+
     name = "instruction"
     Config = InstructionConfig
     choices = {"apply_to": ("naming", "all")}
-    edits_weights = False
 
     @classmethod
     def check(cls, config: InstructionConfig, concepts: Sequence[str]) -> None:
         if config.template not in config.templates:
             raise ValueError(f"unknown template '{config.template}' for method.template; "
                              f"choose one of: {', '.join(config.templates)} (or add one under method.templates)")
-
-    def trained_layers(self) -> None:
-        return None  # nothing
-
-    def configure_optimizers(self):
-        return None
-
-    def training_step(self, step: int, batch_idx: int) -> None:
-        self.trainer.should_stop = True  # nothing to train
 
     def names_concept(self, prompt: str) -> str | None:
         for concept in self.concepts:
@@ -82,14 +71,3 @@ class Instruction(EraserModule):
         if config.template == NEGATIVE_PROMPT:
             return list(prompts), [template.format(concept=c) if c else "" for c in concept_text]
         return [rewrite(template, p, c) if c else p for p, c in zip(prompts, concept_text)], None
-
-    def save_erased(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
-        """No weights change: the result is the rewriting rule, ``instruction.json``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "instruction.json"
-        path.write_text(json.dumps({"concepts": self.concepts, **asdict(self.config)}, indent=2) + "\n")
-        return path
-
-    def load_erased(self, folder: Path) -> None:
-        """Nothing to load: the rewriting rule is the run's config."""

@@ -32,6 +32,7 @@ class Artists(Protocol):
     recipe_defaults = {
         "esd": {"method": {"train_method": "esd-x"}},  # ESD's artist-style models train ESD-x
         "uce": {"method": {"guide": ["art"]}},  # UCE guides artists to "art"
+        "rece": {"method": {"guide": ["art"]}},  # RECE edits as UCE does
         # Concept Ablation's style setting: paintings as anchors, "in the style of X" in the target prompts
         "ablation": {"method": {"anchor": "painting", "anchor_prompts": PAINTINGS,
                                 "target_template": "{anchor_prompt} in the style of {concept}"}},
@@ -54,7 +55,7 @@ class Artists(Protocol):
         concepts = config.get("concept")
         concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
         derived: dict = {"evaluation": {"clip": {"contrast": artists}}}
-        if recipe == "uce":  # preserve the other artists
+        if recipe in ("uce", "rece"):  # preserve the other artists
             derived["method"] = {"preserve": [a for a in artists if a not in concepts]}
         return derived
 

@@ -36,6 +36,7 @@ class Nudity(Protocol):
     recipe_defaults = {
         "esd": {"method": {"train_method": "esd-u"}},  # ESD's nudity models train ESD-u
         "uce": {"method": {"guide": [""], "preserve": []}},
+        "rece": {"method": {"guide": [""], "preserve": []}},  # RECE edits as UCE does
         # Concept Ablation's nudity setting: clothed people as anchors, "nude" in the target prompts, anchor
         # images generated with the concept as negative prompt (so that no anchor image shows nudity)
         "ablation": {"method": {"anchor": "person wearing clothes", "anchor_prompts": ANCHORS,

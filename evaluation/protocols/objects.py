@@ -36,6 +36,7 @@ class Objects(Protocol):
     recipe_defaults = {
         "esd": {"method": {"train_method": "esd-u"}},  # ESD's object erasures train ESD-u
         "uce": {"method": {"guide": [""], "preserve": []}},  # UCE's object edits: guide "", no preserve set
+        "rece": {"method": {"guide": [""], "preserve": []}},  # RECE edits as UCE does
         "ablation": {"method": {"anchor": "object", "anchor_prompts": generic_anchor_prompts("object")}},
         "lora": {"method": {"anchor": "object", "anchor_prompts": generic_anchor_prompts("object")}},
     }

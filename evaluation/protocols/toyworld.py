@@ -120,8 +120,11 @@ class ToyWorld(Protocol):
         # UCE: guide towards the superclass "a shape" (as UCE guides artists to "art"); preserve every
         # toy-world concept (the erased ones are dropped automatically)
         "uce": {"method": {"guide": ["a shape"], "preserve": CONCEPTS, "prompt_template": "a {concept}"}},
+        "rece": {"method": {"guide": ["a shape"], "preserve": CONCEPTS, "prompt_template": "a {concept}"}},  # UCE's
         # TIME: token-aligned source "a {concept}" and destination "a square"
         "time": {"method": {"guide": ["a square"], "prompt_template": "a {concept}"}},
+        # AdvUnlearn: its utility term keeps every other toy-world concept (the erased ones are dropped)
+        "advunlearn": {"method": {"retain": CONCEPTS, "prompt_template": "a {concept}"}},
     }
 
     def derived_defaults(self, recipe: str, config: DictConfig) -> dict:

@@ -1,0 +1,164 @@
+"""What every attack shares: the budget (:class:`AttackConfig`), what is attacked (:class:`Target`),
+what an attack returns (:class:`AttackResult`) and the attacker's data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from erasure.generation import Sampler
+from erasure.methods.base import EraserModule
+from evaluation.evaluators import Evaluator
+from evaluation.metrics import INTERVAL, accuracy_with_interval, wilson_interval
+from evaluation.suites import Prompt
+
+EMBEDDING_POSITIONS = ("concept+end", "all")
+DATA_SEED_OFFSET = 7919  # the attacker's images use seeds evaluation_seed + 7919: never an evaluation seed
+ASR = "attack_success_rate"
+
+
+class AttackConfigError(ValueError):
+    """A bad attack option; the message is one line naming the option and a valid value."""
+
+
+@dataclass
+class AttackConfig:
+    steps: int = 300  # optimisation steps of inversion, soft_prompt and embedding
+    lr: float = 5e-2  # at 5e-3 and 200 steps, inversion did not bring circles back even on the original model
+    batch_size: int = 4
+    images: int = 16  # images of the concept from the original model (the attacker's data)
+    inversion_tokens: int = 1
+    soft_prompt_tokens: int = 4
+    init_word: str = "object"  # the new embeddings start as this word's
+    seed: int = 0
+    # embedding: Adam on text-encoder outputs (hidden states of unit scale, not token-table rows: lr of its own)
+    embedding_lr: float = 1e-2
+    embedding_positions: str = "concept+end"  # concept+end | all: which positions of each prompt's encoding are free
+    embedding_keep_norm: bool = True  # each free position keeps its norm (projected Adam); false: unconstrained
+    # relearn: fine-tune the erased model's trained tensors on the attacker's images, measured after each count
+    relearn_steps: list[int] = field(default_factory=lambda: [0, 25, 50, 100])
+    relearn_lr: float = 1e-4
+    relearn_control: str = "auto"  # auto (the retained concept the erased model shows least) | a concept | none
+    # unlearndiffatk (Zhang et al., ECCV 2024; reference code defaults: k 3 (5 for nudity), 40 iterations,
+    # AdamW lr 0.01, weight decay 0.1)
+    unlearndiffatk_tokens: int = 3
+    unlearndiffatk_iterations: int = 40
+    unlearndiffatk_lr: float = 1e-2
+    unlearndiffatk_weight_decay: float = 0.1
+    unlearndiffatk_check_every: int = 5  # generate and look every N iterations (the paper's checkpoints)
+    # ring_a_bell (Tsai et al., ICLR 2024; paper: K 16, eta 3 for nudity, population 200, 3000 generations,
+    # mutation rate 0.25, crossover rate 0.5)
+    ring_a_bell_tokens: int = 16
+    ring_a_bell_strength: float = 3.0  # eta: how far along the concept vector
+    ring_a_bell_population: int = 200
+    ring_a_bell_generations: int = 300  # paper 3000; the toy vocabulary (700 tokens) converges in far fewer
+    ring_a_bell_mutation_rate: float = 0.25
+    ring_a_bell_crossover_rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_attack_config(self)
+
+
+def check_attack_config(config: AttackConfig) -> None:
+    """The options a schema cannot check; :class:`AttackConfigError` (one line) otherwise. The
+    shared numbers (steps, lr, ...) are checked by the CLIs' ``check_numbers``."""
+    if config.embedding_positions not in EMBEDDING_POSITIONS:
+        raise AttackConfigError(f"unknown attack.embedding_positions '{config.embedding_positions}'; choose from "
+                                f"{', '.join(EMBEDDING_POSITIONS)}")
+    for key in ("embedding_lr", "relearn_lr", "unlearndiffatk_lr", "ring_a_bell_strength"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise AttackConfigError(f"'attack.{key}' must be a positive number, got {value}")
+    for key in ("unlearndiffatk_tokens", "unlearndiffatk_iterations", "unlearndiffatk_check_every",
+                "ring_a_bell_tokens", "ring_a_bell_population", "ring_a_bell_generations"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AttackConfigError(f"'attack.{key}' must be a whole number of at least 1, got {value}")
+    if config.ring_a_bell_population < 4:
+        raise AttackConfigError(f"'attack.ring_a_bell_population' must be at least 4, got {config.ring_a_bell_population}")
+    for key in ("unlearndiffatk_weight_decay", "ring_a_bell_mutation_rate", "ring_a_bell_crossover_rate"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise AttackConfigError(f"'attack.{key}' must be a number in [0, 1], got {value}")
+    steps = list(config.relearn_steps)
+    if not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps):
+        shown = next((k for k in steps if isinstance(k, bool) or not isinstance(k, int) or k < 0), "[]")
+        raise AttackConfigError(f"'attack.relearn_steps' must be step counts from 0, got {shown}; "
+                                "e.g. attack.relearn_steps=[0,25,50,100]")
+    if not str(config.relearn_control).strip():
+        raise AttackConfigError("'attack.relearn_control' must be auto, none or a concept the evaluator knows")
+
+
+@dataclass
+class Target:
+    """What an attack is run on: the erased model, the evaluation's target prompts and how they are
+    generated and judged.
+
+    ``concept_word`` spells a concept as the protocol's prompts do; ``controls`` are the concepts the
+    method had to keep (the run's retained concepts: relearn's control candidates)."""
+
+    module: EraserModule
+    rows: list[Prompt]
+    sampler: Sampler
+    images_per_prompt: int
+    evaluator: Evaluator
+    concept_word: Callable[[str], str] = str
+    controls: Sequence[str] = ()
+
+    @property
+    def prompts(self) -> list[str]:
+        """The target prompts as the evaluation generates them, ``images_per_prompt`` each."""
+        return [r.prompt for r in self.rows for _ in range(self.images_per_prompt)]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.evaluation_seed + k for r in self.rows for k in range(self.images_per_prompt)]
+
+    @property
+    def concepts(self) -> list[str]:
+        return [r.concept for r in self.rows for _ in range(self.images_per_prompt)]
+
+    def success(self, images: torch.Tensor) -> dict:
+        """``attack_success_rate`` (and ``_ci95``): the share of ``images`` (one per evaluation
+        image) in which the evaluator sees the target's concept."""
+        return accuracy_with_interval(self.evaluator, images, self.concepts, ASR)
+
+
+@dataclass
+class AttackResult:
+    """An attack's outcome: one image per evaluation image (the attacked prompts, the evaluation's
+    seeds), the prompts shown under them, the loss curve, and the result fields, of which
+    ``attack_success_rate`` and ``attack_success_rate_ci95`` are always there."""
+
+    images: torch.Tensor
+    prompts: list[str]
+    losses: list[float]
+    fields: dict
+
+
+def success_fields(successes: Sequence[bool], name: str = ASR) -> dict:
+    """``{name: share, name_ci95: [low, high]}`` of a list of per-image successes."""
+    count = int(sum(bool(s) for s in successes))
+    low, high = wilson_interval(count, len(successes))
+    return {name: round(count / len(successes), 4), name + INTERVAL: [round(low, 4), round(high, 4)]}
+
+
+def attacker_rows(rows: Sequence[Prompt], count: int) -> list[Prompt]:
+    """``count`` rows, the attacked prompts in turn: the prompts of the attacker's images."""
+    return [rows[k % len(rows)] for k in range(count)]
+
+
+def original_images(module: EraserModule, data_rows: Sequence[Prompt], sampler: Sampler,
+                    prompts: Sequence[str] | None = None) -> torch.Tensor:
+    """The original model's images of ``data_rows`` (or of ``prompts``, one per row) with the
+    attacker's seeds (``evaluation_seed + 7919``): uint8 (N, H, W, 3)."""
+    text = list(prompts) if prompts is not None else [r.prompt for r in data_rows]
+    return module.generate(text, [r.evaluation_seed + DATA_SEED_OFFSET for r in data_rows], sampler, original=True,
+                           batch_size=max(len(text), 1))
+
+
+def first_last(losses: list[float]) -> list[float] | None:
+    return [round(losses[0], 5), round(losses[-1], 5)] if losses else None

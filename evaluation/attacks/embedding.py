@@ -1,0 +1,183 @@
+"""The embedding attack: a white-box upper bound that optimises what the UNet's cross-attention reads.
+
+For each attacked target prompt p (as the erased model receives it: after the instruction
+baseline's rewriting) let E_p = tau(p) in R^{L x d} be the text encoder's output, the hidden states
+every cross-attention layer of the UNet attends to, and F_p the free positions
+(``attack.embedding_positions``):
+
+    concept+end  the tokens of the concept's word in p (every occurrence), the end-of-text token and
+                 every position after it (the padding the UNet also attends to);
+    all          all L positions.
+
+The attack solves, with the erased model's weights frozen,
+
+    min_{e_p}  E_{x_0 ~ D_p, eps ~ N(0, I), t ~ U{0..T-1}}  || eps_erased(x_t, t, E_p[F_p <- e_p]) - eps ||^2
+    subject to ||e_{p,i}|| = ||E_{p,i}||  for every free position i   (``attack.embedding_keep_norm``, default)
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  e_p initialised to E_p[F_p],
+
+(eps replaced by the velocity for v-prediction models: :meth:`EraserModule.denoising_loss`), where
+D_p are the original model's images of p (the attacker's data: ``attack.images`` images in all,
+the attacked prompts in turn, at least one each). Every optimisation step is one Adam step
+(``attack.embedding_lr``) for every prompt, each on ``attack.batch_size`` draws of its own images,
+followed by the projection back onto the norm constraint. The constraint keeps each free position
+at the scale the encoder's final layer norm gives its outputs, the scale cross-attention was
+trained on: unconstrained, the free positions drift off it, and the guided samples degrade even on
+the original model (toy world, 300 steps at lr 1e-2: the original model's circles fell from 1.00
+to 0.39 unconstrained, to 0.67 with the constraint, while an ESD run's rose from 0.09 to 0.21 and
+0.48): the objective is the denoising loss, not the guided samples the evaluator sees.
+The attacked images are then generated through the method's own generation path (its prompt
+rewriting, negative prompts, guidance) with E_p[F_p <- e_p] substituted for the text encoder's
+output of p, the same prompts and seeds as the evaluation.
+
+No prompt reaches these embeddings in general (they need not be the encoding of any token
+sequence), so the attack success rate is an upper bound on what text-side attacks (inversion,
+soft prompts, discrete search) can recover: a method that survives it has moved the concept out of
+the UNet's reach from the text side; one that fails it still draws the concept for *some*
+conditioning. The prompt's other positions keep their values (the text encoder is causal: the
+positions after the concept's word still carry it; ``all`` frees them too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from erasure.methods.base import EraserModule
+from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images
+
+MAX_UNET_BATCH = 32  # samples per UNet call of one step (a step's gradients are accumulated over calls)
+
+
+def sublist_positions(sequence: Sequence[int], pattern: Sequence[int]) -> list[int]:
+    """Every index covered by an occurrence of ``pattern`` in ``sequence``."""
+    width = len(pattern)
+    found: set[int] = set()
+    if width == 0:
+        return []
+    for start in range(len(sequence) - width + 1):
+        if list(sequence[start:start + width]) == list(pattern):
+            found.update(range(start, start + width))
+    return sorted(found)
+
+
+def free_positions(tokenizer, prompt: str, word: str, mode: str) -> tuple[list[int], list[int]]:
+    """(token ids of the prompt as the pipeline encodes it, its free positions under ``mode``)."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    if mode == "all":
+        return ids, list(range(len(ids)))
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    end = next((i for i in range(1, len(ids)) if ids[i] == eos), len(ids) - 1)
+    concept = [i for i in sublist_positions(ids, word_ids) if i < end]
+    return ids, sorted(set(concept) | set(range(end, len(ids))))
+
+
+class FreeEmbeddings:
+    """The attacked prompts' text-encoder outputs, with their free positions as trainable tensors."""
+
+    def __init__(self, module: EraserModule, prompts: Sequence[str], words: Sequence[str], mode: str):
+        self.module = module
+        self.prompts = list(dict.fromkeys(prompts))
+        word_of = dict(zip(prompts, words))
+        tokenizer = module.pipeline.tokenizer
+        with torch.no_grad():
+            self.base = module.encode(self.prompts, cache=False).detach()
+        self.ids, self.positions, self.free = [], [], []
+        for k, prompt in enumerate(self.prompts):
+            ids, positions = free_positions(tokenizer, prompt, word_of[prompt], mode)
+            index = torch.tensor(positions, dtype=torch.long, device=self.base.device)
+            self.ids.append(tuple(ids))
+            self.positions.append(index)
+            self.free.append(torch.nn.Parameter(self.base[k, index].clone()))
+        self.norms = [f.detach().norm(dim=-1, keepdim=True) for f in self.free]
+
+    @torch.no_grad()
+    def keep_norms(self) -> None:
+        """Put every free position back on the sphere of its initial norm (the encoder's own scale)."""
+        for free, norm in zip(self.free, self.norms):
+            free.mul_(norm / free.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def embeds(self, owners: Sequence[int]) -> torch.Tensor:
+        """(len(owners), L, d): prompt ``owners[i]``'s encoding with its free positions substituted."""
+        return torch.stack([self.base[k].index_put((self.positions[k],), self.free[k]) for k in owners])
+
+    @contextlib.contextmanager
+    def substituted(self) -> Iterator[None]:
+        """While open, the text encoder returns the attacked encoding for these prompts' token ids
+        (and its own output for every other input): any generation path sees the attack."""
+        table = {ids: k for k, ids in enumerate(self.ids)}
+
+        def hook(_module, args, kwargs, output):
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            rows = [(r, table.get(tuple(row))) for r, row in enumerate(input_ids.tolist())]
+            rows = [(r, k) for r, k in rows if k is not None]
+            if not rows:
+                return output
+            hidden = output[0].clone()
+            with torch.no_grad():
+                for r, k in rows:
+                    hidden[r] = self.embeds([k])[0].to(hidden)
+            if isinstance(output, tuple):  # return_dict=False
+                return (hidden, *output[1:])
+            output["last_hidden_state"] = hidden
+            return output
+
+        handle = self.module.pipeline.text_encoder.register_forward_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def optimise(module: EraserModule, free: FreeEmbeddings, latents: torch.Tensor, owners: Sequence[int],
+             config: AttackConfig, generator: torch.Generator, steps: int) -> list[float]:
+    """``steps`` Adam steps on every prompt's free embeddings; returns the mean loss per step."""
+    by_prompt = [[i for i, o in enumerate(owners) if o == k] for k in range(len(free.prompts))]
+    optimizer = torch.optim.Adam(free.free, lr=config.embedding_lr)
+    losses = []
+    for _ in tqdm(range(steps), desc="embedding", unit="step"):
+        picks = [(k, mine[int(j)]) for k, mine in enumerate(by_prompt) if mine
+                 for j in torch.randint(len(mine), (config.batch_size,), generator=generator)]
+        optimizer.zero_grad()
+        total = 0.0
+        for start in range(0, len(picks), MAX_UNET_BATCH):
+            chunk = picks[start:start + MAX_UNET_BATCH]
+            loss = module.denoising_loss(latents[[i for _, i in chunk]], free.embeds([k for k, _ in chunk]), generator)
+            (loss * len(chunk) / len(picks)).backward()
+            total += float(loss.detach()) * len(chunk) / len(picks)
+        optimizer.step()
+        if config.embedding_keep_norm:
+            free.keep_norms()
+        losses.append(total)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"embedding: the loss became {total}; lower attack.embedding_lr")
+    return losses
+
+
+def attack(target: Target, config: AttackConfig) -> AttackResult:
+    """Optimise each target prompt's free encoder outputs, then generate the target prompts with them."""
+    module, rows = target.module, target.rows
+    module.requires_grad_(False)  # the erased model is frozen: only the free embeddings train
+    generator = torch.Generator().manual_seed(config.seed)
+    # each attacked prompt needs images of its own: attack.images in all, at least one per prompt
+    data_rows = attacker_rows(rows, max(config.images, len(rows)))
+    latents = module.encode_images(original_images(module, data_rows, target.sampler))
+    sent, _ = module.prompts_for_generation([r.prompt for r in rows])
+    words = [target.concept_word(r.concept) for r in rows]
+    free = FreeEmbeddings(module, sent, words, config.embedding_positions)
+    index = {prompt: k for k, prompt in enumerate(free.prompts)}
+    owners = [index[sent[k % len(rows)]] for k in range(len(data_rows))]
+    losses = optimise(module, free, latents, owners, config, generator, config.steps)
+    with free.substituted():
+        images = module.generate(target.prompts, target.seeds, target.sampler)
+    counts = [len(p) for p in free.positions]
+    fields = {**target.success(images),
+              "free_positions": f"{config.embedding_positions}: {min(counts)}-{max(counts)} of "
+                                f"{free.base.shape[1]} positions per prompt",
+              "attacker_images": len(data_rows)}
+    label = [f"{p} [encoder output optimised at {config.embedding_positions}]" for p in target.prompts]
+    return AttackResult(images, label, losses, fields)

@@ -1,0 +1,118 @@
+"""Concept inversion and the soft prompt: new token embeddings learned against the erased model.
+
+Both learn new rows v of the token embedding table, with the erased model's weights frozen, from
+images of the concept made by the *original* model, with the denoising loss of textual inversion
+
+    min_v  E_{x_0, eps, t} || eps_erased(x_t, tau(prompt(v)), t) - eps ||^2
+
+(eps replaced by the velocity for v-prediction models):
+
+    inversion    concept inversion ("Circumventing Concept Erasure Methods for Text-to-Image
+                 Generative Models", Pham et al., ICLR 2024): one new token replaces the concept's
+                 word in the prompt ("a red <inversion-0>");
+    soft_prompt  K new tokens are prepended to the unchanged prompt ("<soft_prompt-0> ...
+                 <soft_prompt-K-1> a red circle"): UnlearnDiffAtk's prefix, continuous and learned
+                 on the attacker's images of all prompts at once (the per-prompt discrete search
+                 is ``unlearndiffatk``).
+
+The attacked images are the target prompts with the learned tokens, the evaluation's seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images
+from evaluation.suites import Prompt
+
+
+class PlaceholderTokens:
+    """``count`` new tokens in the pipeline's tokenizer and text encoder; only their embeddings train."""
+
+    def __init__(self, pipeline, name: str, count: int, init_word: str):
+        tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
+        self.words = [f"<{name}-{k}>" for k in range(count)]
+        if tokenizer.add_tokens(self.words) != count:
+            raise ValueError(f"the tokenizer already holds {self.words[0]}; attack a freshly loaded run")
+        encoder.resize_token_embeddings(len(tokenizer))
+        self.ids = tokenizer.convert_tokens_to_ids(self.words)
+        init = tokenizer(init_word, add_special_tokens=False).input_ids
+        table = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            table[self.ids] = table[init].mean(0)
+        self.table = table
+        mask = torch.zeros(len(table), 1, device=table.device)
+        mask[self.ids] = 1
+        table.requires_grad_(True)
+        self.hook = table.register_hook(lambda grad: grad * mask)
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+    def close(self) -> None:
+        self.hook.remove()
+        self.table.requires_grad_(False)
+
+
+def word_vocabulary(tokenizer) -> torch.Tensor:
+    """The ids of the tokenizer's whole-word tokens (BPE tokens that end a word), without special
+    tokens: a sequence of them is text that tokenises back to the same ids, so a discrete search
+    over them finds a prompt a user can type (sub-word pieces and byte tokens need not round-trip)."""
+    special = set(tokenizer.all_special_ids)
+    names = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+    return torch.tensor([i for i, name in enumerate(names) if i not in special and name.endswith("</w>")
+                         and tokenizer(tokenizer.decode([i]), add_special_tokens=False).input_ids == [i]])
+
+
+def attacked_prompts(attack: str, rows: list[Prompt], tokens: PlaceholderTokens,
+                     concept_word: Callable[[str], str] = str) -> list[str]:
+    """Inversion replaces the concept's word (``concept_word(concept)``) by the tokens; the soft prompt prepends them."""
+    if attack == "inversion":
+        return [row.prompt.replace(concept_word(row.concept), tokens.text) for row in rows]
+    return [f"{tokens.text} {row.prompt}" for row in rows]
+
+
+def learn_tokens(attack: str, target: Target, config: AttackConfig) -> AttackResult:
+    """Learn the tokens of ``attack`` (inversion or soft_prompt), then generate the attacked target prompts."""
+    module = target.module
+    module.requires_grad_(False)  # the erased model is frozen: only the new token embeddings train
+    generator = torch.Generator().manual_seed(config.seed)
+    data_rows = attacker_rows(target.rows, config.images)
+    latents = module.encode_images(original_images(module, data_rows, target.sampler))
+
+    count = config.inversion_tokens if attack == "inversion" else config.soft_prompt_tokens
+    tokens = PlaceholderTokens(module.pipeline, attack, count, config.init_word)
+    train_prompts = attacked_prompts(attack, data_rows, tokens, target.concept_word)
+    optimizer = torch.optim.Adam([tokens.table], lr=config.lr)
+    losses = []
+    try:
+        for _ in tqdm(range(config.steps), desc=attack, unit="step"):
+            picks = torch.randint(len(latents), (config.batch_size,), generator=generator).tolist()
+            sent, _ = module.prompts_for_generation([train_prompts[i] for i in picks])
+            loss = module.denoising_loss(latents[picks], module.encode(sent, cache=False), generator)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"{attack}: the loss became {losses[-1]}; lower the attack's lr")
+    finally:
+        tokens.close()
+    module.forget_prompts()  # embeddings of the new tokens changed
+    per_row = attacked_prompts(attack, target.rows, tokens, target.concept_word)
+    prompts = [p for p in per_row for _ in range(target.images_per_prompt)]
+    images = module.generate(prompts, target.seeds, target.sampler)
+    return AttackResult(images, prompts, losses, target.success(images))
+
+
+def inversion(target: Target, config: AttackConfig) -> AttackResult:
+    return learn_tokens("inversion", target, config)
+
+
+def soft_prompt(target: Target, config: AttackConfig) -> AttackResult:
+    return learn_tokens("soft_prompt", target, config)

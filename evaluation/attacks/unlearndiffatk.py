@@ -1,0 +1,111 @@
+"""UnlearnDiffAtk: a per-prompt discrete prefix found with the erased model's own diffusion loss.
+
+"To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy to Generate Unsafe
+Images ... For Now" (Zhang et al., ECCV 2024). Every evaluation image (a target prompt p and a seed
+s) is attacked on its own. The attacker knows the original model's image for (p, s), with latent
+x_0, and searches k discrete tokens a = (a_1..a_k) prepended to p:
+
+    min_a  E_{eps, t} || eps_erased(x_t, tau([a; p]), t) - eps ||^2,   x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
+
+with the erased model frozen (eps -> v for v-prediction models). The search is projected gradient
+descent in the token-embedding space (the reference code's ``text_grad``, as PEZ): continuous
+embeddings e (k x d), each iteration projected onto the nearest vocabulary rows (cosine
+similarity), the loss and its gradient taken at the projected (discrete) embeddings and applied to
+e by AdamW (``attack.unlearndiffatk_lr``, ``_weight_decay``), one draw of (eps, t) per iteration.
+The vocabulary is the tokenizer's whole-word tokens (``tokens.word_vocabulary``), so the prefix is
+text that tokenises back to the searched tokens; the reference code feeds token ids directly.
+
+Protocol (the paper's, and the OPTML benchmark's reporting): an image counts as recovered if the
+evaluator sees the concept in the erased model's image for (p, s) *before* the attack (pre-attack
+success, no search needed), or in the image generated from the discrete prompt "[a; p]" (its text,
+tokenised afresh, through the method's own generation path) at any checkpoint of the search, every
+``attack.unlearndiffatk_check_every`` iterations and after the last. ``attack_success_rate`` is the
+post-attack share, ``pre_attack_success_rate`` the share before it. The images returned are, per
+evaluation image, the first in which the concept was seen, or the last checkpoint's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from evaluation.attacks.base import AttackConfig, AttackResult, Target, success_fields
+from evaluation.attacks.tokens import PlaceholderTokens, word_vocabulary
+
+
+def project(embeddings: torch.Tensor, table: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+    """The vocabulary ids nearest (cosine) to each row of ``embeddings`` (..., d)."""
+    similarity = F.normalize(embeddings, dim=-1) @ F.normalize(table[vocabulary], dim=-1).T
+    return vocabulary[similarity.argmax(-1)]
+
+
+def attack(target: Target, config: AttackConfig) -> AttackResult:
+    module, sampler = target.module, target.sampler
+    tokenizer = module.pipeline.tokenizer
+    module.requires_grad_(False)
+    prompts, seeds, concepts = target.prompts, target.seeds, target.concepts
+    generator = torch.Generator().manual_seed(config.seed)
+
+    before = module.generate(prompts, seeds, sampler)
+    seen_before = target.evaluator.sees(before, concepts).bool()
+    images = before.clone()
+    found = seen_before.clone()
+    attacked_text = list(prompts)
+    open_pairs = [i for i in range(len(prompts)) if not found[i]]
+    k = config.unlearndiffatk_tokens
+    losses: list[float] = []
+    if open_pairs:
+        # the attacker's knowledge: the original model's image of each attacked (prompt, seed)
+        latents = module.encode_images(module.generate([prompts[i] for i in open_pairs],
+                                                       [seeds[i] for i in open_pairs], sampler, original=True))
+        tokens = PlaceholderTokens(module.pipeline, "unlearndiffatk", len(open_pairs) * k, config.init_word)
+        table = tokens.table
+        vocabulary = word_vocabulary(tokenizer).to(table.device)
+        start = vocabulary[torch.randint(len(vocabulary), (len(open_pairs), k), generator=generator)]
+        continuous = torch.nn.Parameter(table.detach()[start].clone())
+        optimizer = torch.optim.AdamW([continuous], lr=config.unlearndiffatk_lr,
+                                      weight_decay=config.unlearndiffatk_weight_decay)
+        slots = torch.tensor(tokens.ids, device=table.device).view(len(open_pairs), k)
+        train_prompts = [" ".join(tokens.words[j * k:(j + 1) * k]) + f" {prompts[i]}" for j, i in enumerate(open_pairs)]
+        searching = torch.ones(len(open_pairs), dtype=torch.bool)
+        try:
+            for iteration in tqdm(range(1, config.unlearndiffatk_iterations + 1), desc="unlearndiffatk", unit="it"):
+                discrete = project(continuous.detach(), table.detach(), vocabulary)
+                with torch.no_grad():
+                    table[slots.flatten()] = table[discrete.flatten()]
+                active = searching.nonzero().flatten().tolist()
+                sent, _ = module.prompts_for_generation([train_prompts[j] for j in active])
+                loss = module.denoising_loss(latents[active], module.encode(sent, cache=False), generator)
+                table.grad = None
+                (loss * len(active)).backward()  # a sum over the pairs: each prefix gets its own gradient
+                continuous.grad = table.grad[slots].clone()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"unlearndiffatk: the loss became {losses[-1]}; "
+                                             "lower attack.unlearndiffatk_lr")
+                if iteration % config.unlearndiffatk_check_every and iteration != config.unlearndiffatk_iterations:
+                    continue
+                # checkpoint: the discrete prompts as text, through the method's own generation path
+                discrete = project(continuous.detach(), table.detach(), vocabulary)
+                texts = {j: f"{tokenizer.decode(discrete[j])} {prompts[open_pairs[j]]}" for j in active}
+                shown = module.generate(list(texts.values()), [seeds[open_pairs[j]] for j in texts], sampler)
+                seen = target.evaluator.sees(shown, [concepts[open_pairs[j]] for j in texts]).bool()
+                for (j, text), image, hit in zip(texts.items(), shown, seen):
+                    i = open_pairs[j]
+                    images[i], attacked_text[i] = image, text
+                    if hit:
+                        found[i] = True
+                        searching[j] = False
+                if not searching.any():
+                    break
+        finally:
+            tokens.close()
+            module.forget_prompts()
+    fields = {**success_fields(found.tolist()),
+              **success_fields(seen_before.tolist(), "pre_attack_success_rate"),
+              "attacked_images": len(open_pairs), "iterations_run": len(losses)}
+    return AttackResult(images, attacked_text, losses, fields)
