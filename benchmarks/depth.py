@@ -29,9 +29,9 @@ from erasure.runs import attack_run, train  # noqa: E402
 from evaluation.attacks import AttackConfig  # noqa: E402
 
 CONCEPT = "circle"
-# (method, label, overrides), strongest first within a method. The toy presets are the first row of
-# each method; the others weaken it: ESD's lr and steps towards the paper's lr 1e-5, UCE's erase
-# scale against its preserve term, Concept Ablation's steps.
+# (method, label, overrides), strongest first within a method; no overrides: the recipe's default on
+# the toy world. The others weaken the trained methods' defaults: ESD's lr and steps towards the paper's lr 1e-5, UCE's erase
+# scale against its preserve term, Concept Ablation's steps; SLD (no training) its presets.
 GRID = [
     ("esd", "lr 1e-3, 150 steps (toy preset)", []),
     ("esd", "lr 3e-4, 150 steps", ["method.lr=3e-4"]),
@@ -43,6 +43,9 @@ GRID = [
     ("ablation", "150 steps (toy preset)", []),
     ("ablation", "50 steps", ["trainer.max_steps=50"]),
     ("ablation", "20 steps", ["trainer.max_steps=20"]),
+    ("sld", "max preset", ["method.preset=max"]),
+    ("sld", "strong preset", ["method.preset=strong"]),
+    ("sld", "medium preset (default)", []),
 ]
 ATTACKS = ("unlearndiffatk", "embedding", "relearn")
 
@@ -65,8 +68,10 @@ def depth_chart(rows: list[dict], attacks: list[str], path: Path) -> None:
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
             axis.plot([r["target_acc"] for r in mine], [r[f"{attack}_asr"] for r in mine], marker="o", label=method)
-            axis.annotate("preset", (mine[0]["target_acc"], mine[0][f"{attack}_asr"]), fontsize=6,
-                          textcoords="offset points", xytext=(3, -8))
+            for row in mine:
+                if row["default"]:
+                    axis.annotate("default", (row["target_acc"], row[f"{attack}_asr"]), fontsize=6,
+                                  textcoords="offset points", xytext=(3, -8))
         axis.plot([0, 1], [0, 1], color="0.8", linewidth=0.8, linestyle=":")  # attack adds nothing
         axis.set_xlim(-0.03, 1.03)
         axis.set_ylim(-0.03, 1.03)
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = run_setting(args.output, method, overrides)
         metrics = json.loads((folder / "metrics.json").read_text())["after"]
         results = attack_run(folder, args.attacks, AttackConfig())
-        rows.append({"method": method, "setting": label, "run": str(folder),
+        rows.append({"method": method, "setting": label, "default": not overrides, "run": str(folder),
                      "target_acc": metrics["efficacy/target_acc"], "retained_acc": metrics["specificity/retained_acc"],
                      "kid": metrics.get("fidelity/kid"),
                      **{f"{a}_asr": results[a]["attack_success_rate"] for a in args.attacks}})

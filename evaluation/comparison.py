@@ -89,28 +89,32 @@ def robustness_chart(rows: Sequence[dict], path: Path, fidelity: str = "specific
     rate over the attacks run against ``fidelity`` (retained accuracy by default), each attack's
     own rate as a small mark on the same vertical line."""
     attacks = sorted({k[len("robustness/"):-len("_asr")] for row in rows for k in row
-                      if k.startswith("robustness/") and k.endswith("_asr")})
-    figure, axis = plt.subplots(figsize=(7.2, 4.4), dpi=110)
+                      if k.startswith("robustness/") and k.endswith("_asr") and not k.endswith("_pre_asr")})
+    points = [(row, {a: row[f"robustness/{a}_asr"] for a in attacks if row.get(f"robustness/{a}_asr") is not None})
+              for row in rows if row.get(fidelity) is not None]
+    points = [(row, rates) for row, rates in points if rates]
+    figure, axis = plt.subplots(figsize=(7.6, 4.6), dpi=110)
     markers = dict(zip(attacks, "ov^sDPX*"))
-    for row in rows:
-        rates = {a: row.get(f"robustness/{a}_asr") for a in attacks if row.get(f"robustness/{a}_asr") is not None}
-        if not rates or row.get(fidelity) is None:
-            continue
-        x = row[fidelity]
+    # labels stacked beside their dots, in the order of the dots' heights, so near points stay readable
+    ordered = sorted(points, key=lambda point: max(point[1].values()))
+    for k, (row, rates) in enumerate(ordered):
+        x, worst = row[fidelity], max(rates.values())
         for attack, rate in rates.items():
-            axis.scatter(x, rate, s=14, marker=markers[attack], color="0.55", zorder=2)
-        worst = max(rates.values())
-        axis.scatter(x, worst, s=60, zorder=3)
-        axis.annotate(row["method"], (x, worst), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            axis.scatter(x, rate, s=14, marker=markers[attack], color="0.6", zorder=2)
+        dot = axis.scatter(x, worst, s=60, zorder=3)
+        axis.annotate(row["method"], (x, worst), xytext=(1.04, 0.04 + 0.92 * k / max(len(ordered) - 1, 1)),
+                      textcoords="axes fraction", fontsize=7, color=dot.get_facecolor()[0],
+                      arrowprops={"arrowstyle": "-", "color": dot.get_facecolor()[0], "linewidth": 0.6})
     for attack, marker in markers.items():
-        axis.scatter([], [], s=14, marker=marker, color="0.55", label=attack)
-    axis.set_xlabel(f"{fidelity.split('/')[-1]} (higher: the model keeps what it should)")
-    axis.set_ylabel("attack success rate (large dot: the strongest attack)")
-    axis.set_xlim(-0.02, 1.05)
+        axis.scatter([], [], s=14, marker=marker, color="0.6", label=attack)
+    lowest = min((row[fidelity] for row, _ in points), default=0.0)
+    axis.set_xlim(max(0.0, lowest - 0.1), 1.02)
     axis.set_ylim(-0.02, 1.05)
+    axis.set_xlabel(f"{fidelity.split('/')[-1]} (higher: the model keeps what it should)")
+    axis.set_ylabel("attack success rate (dot: the strongest attack)")
     axis.set_title("robust and faithful erasers sit bottom right", fontsize=9)
-    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    figure.tight_layout()
+    axis.legend(fontsize=7, loc="upper left")
+    figure.tight_layout(rect=(0, 0, 0.8, 1))
     atomic_save(path, lambda p: figure.savefig(p, format="png"))
     plt.close(figure)
 

@@ -19,10 +19,14 @@ from erasure.compare import main as compare
 from erasure.config import load_config
 from erasure.train import main as train
 
-METHODS = ["esd", "ablation", "uce", "lora", "instruction"]
+METHODS = ["esd", "ablation", "uce", "lora", "instruction", "sld", "rece", "advunlearn"]
 FAST = ["trainer.max_steps=1", "evaluation.steps=2", "evaluation.images_per_prompt=1", "evaluation.batch_size=16"]
 FAST_METHOD = {"esd": ["method.ddim_steps=2"], "lora": ["method.ddim_steps=2"], "uce": [], "instruction": [],
-               "ablation": ["method.num_anchor_images=2", "method.anchor_steps=2", "method.batch_size=2"]}
+               "ablation": ["method.num_anchor_images=2", "method.anchor_steps=2", "method.batch_size=2"],
+               "sld": [], "rece": ["method.epochs=1"],
+               # AdvUnlearn's retain set: the real protocols leave it to the user (the reference uses COCO prompts)
+               "advunlearn": ["method.retain=[a tree]", "method.retain_batch=1", "method.ddim_steps=2",
+                              "method.attack_step=1", "method.warmup_iter=0"]}
 
 
 def write_rows(path, header, rows):
@@ -134,6 +138,16 @@ def test_compare_and_attack_on_real_protocol_runs(runs, tmp_path, capsys):
         result = json.loads((runs["csv", method] / "attacks" / "inversion.json").read_text())
         low, high = result["attack_success_rate_ci95"]
         assert 0 <= low <= result["attack_success_rate"] <= high <= 1
+    # the field's attacks on runs of every real protocol (77-token CLIP context, CLIP / NudeNet / ResNet evaluators)
+    field_attacks = ["attacks=[unlearndiffatk,ring_a_bell,relearn,embedding]", "attack.unlearndiffatk_iterations=2",
+                     "attack.unlearndiffatk_check_every=1", "attack.ring_a_bell_population=4",
+                     "attack.ring_a_bell_generations=1", "attack.ring_a_bell_tokens=4", "attack.relearn_steps=[0,1]",
+                     "attack.steps=1", "attack.images=2", "attack.batch_size=1"]
+    for protocol in ("csv", "nudity", "objects", "artists"):
+        assert attack([f"run={runs[protocol, 'esd']}", *field_attacks]) == 0, protocol
+        for name in ("unlearndiffatk", "ring_a_bell", "relearn", "embedding"):
+            result = json.loads((runs[protocol, "esd"] / "attacks" / f"{name}.json").read_text())
+            assert 0 <= result["attack_success_rate"] <= 1, (protocol, name)
     assert "Traceback" not in capsys.readouterr().err
 
 

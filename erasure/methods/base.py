@@ -199,11 +199,13 @@ class EraserModule(L.LightningModule):
 
     @torch.no_grad()
     def sample_until(self, embeds: torch.Tensor, stop: int, steps: int, guidance: float, generator: torch.Generator,
-                     frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     frozen: bool = False, record: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``stop`` of ``steps`` DDIM steps from pure noise with classifier-free guidance.
 
         Returns (x_t, t): the partially denoised latents and the timestep they are at. ``frozen``:
-        sample with the original model (its UNet and unconditional encoding).
+        sample with the original model (its UNet and unconditional encoding). ``record``: return
+        every latent of the trajectory instead, (batch, stop + 1, ...) with the timesteps (stop + 1,)
+        they are at.
         """
         scheduler = DDIMScheduler.from_config(self.pipeline.scheduler.config)
         scheduler.set_timesteps(steps)
@@ -211,11 +213,16 @@ class EraserModule(L.LightningModule):
         latents = torch.randn(shape, generator=generator).to(self.device, embeds.dtype) * scheduler.init_noise_sigma
         unconditional = (self.encode_frozen if frozen else self.encode)([""] * len(embeds))
         predict = self.predict_frozen if frozen else self.predict
+        trajectory = [latents]
         for t in scheduler.timesteps[:stop]:
             both = predict(torch.cat([latents, latents]), t, torch.cat([unconditional, embeds]))
             eps_uncond, eps_cond = both.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             latents = scheduler.step(eps, t, latents).prev_sample
+            if record:
+                trajectory.append(latents)
+        if record:
+            return torch.stack(trajectory, dim=1), scheduler.timesteps[:stop + 1].to(self.device)
         timestep = scheduler.timesteps[stop].expand(len(embeds)).to(self.device)
         return latents, timestep
 

@@ -30,6 +30,16 @@ c_from, the trained prediction is eps_theta(x_t, c_from, t), and
 
 which equals the target above when c_from = c (as in the reference code's erase_from).
 
+The x_t bank (``xt_bank`` = N > 0, off by default) trades the per-step sampling for a bank: N
+complete DDIM trajectories per concept, sampled in one batch (with the model ``sample_from``
+names) and kept at every step, from which each step draws ``batch_size`` (trajectory, step) pairs
+uniformly, each with its own timestep. A step then costs the three frozen predictions (one batched
+forward) and the trained one instead of ~``ddim_steps`` / 2 guided sampling steps. With
+``sample_from=frozen`` the bank is the same distribution the per-step sampler draws from (the
+later diffusers code); with ``trained`` it is refreshed every ``xt_bank_refresh`` steps (0:
+never), so x_t lags the trained model by up to that many steps. A resumed run re-samples the bank
+where it resumes.
+
 Several concepts are erased together by drawing one per step. The target's coefficients sum
 to one, so the same formula holds in v-space for v-prediction models (SD 2.x).
 
@@ -69,6 +79,8 @@ class ESDConfig(MethodConfig):
     query_timestep: str = "ddim"  # ddim (later diffusers code) | window (CompVis code)
     erase_from: str | None = None
     prompt_template: str = "{concept}"
+    xt_bank: int = 0  # 0: x_t sampled afresh every step (paper); N: from a bank of N trajectories per concept
+    xt_bank_refresh: int = 0  # re-sample the bank every N steps (0: never; sample_from=frozen never needs it)
 
 
 ESD_CHOICES = {"sample_from": ("trained", "frozen"), "query_timestep": ("ddim", "window")}
@@ -100,6 +112,8 @@ def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
     concept_embeds = module.encode([prompt] * config.batch_size)
     trained_embeds = module.encode([trained_prompt] * config.batch_size)
     null_embeds = module.encode([""] * config.batch_size)
+    if config.xt_bank:
+        return bank_loss(module, config, trained_prompt, concept_embeds, trained_embeds, null_embeds, generator)
 
     stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
     latents, t = module.sample_until(trained_embeds, stop, config.ddim_steps, config.sample_guidance, generator,
@@ -110,6 +124,50 @@ def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
     eps_concept = module.predict_frozen(latents, t, concept_embeds)
     eps_null = module.predict_frozen(latents, t, null_embeds)
     eps_from = module.predict_frozen(latents, t, trained_embeds) if config.erase_from else eps_concept
+    target = esd_target(eps_from, eps_concept, eps_null, config.eta)
+    return module.loss(module.predict(latents, t, trained_embeds), target)
+
+
+class TrajectoryBank:
+    """DDIM trajectories per prompt: latents (N, ddim_steps, C, H, W) and the timesteps they are at."""
+
+    def __init__(self, sampled_at: int):
+        self.sampled_at = sampled_at
+        self.trajectories: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, module: EraserModule, config: ESDConfig, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's trajectories, sampled in one batch the first time they are asked for."""
+        if prompt not in self.trajectories:
+            generator = torch.Generator().manual_seed(module.seed * 1_000_003 + 7 * self.sampled_at + module.global_rank)
+            embeds = module.encode([prompt] * config.xt_bank)
+            self.trajectories[prompt] = module.sample_until(embeds, config.ddim_steps - 1, config.ddim_steps,
+                                                            config.sample_guidance, generator,
+                                                            frozen=config.sample_from == "frozen", record=True)
+        return self.trajectories[prompt]
+
+
+def bank_loss(module: EraserModule, config: ESDConfig, trained_prompt: str, concept_embeds: torch.Tensor,
+              trained_embeds: torch.Tensor, null_embeds: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """ESD's loss on x_t drawn from the module's trajectory bank (see the module docstring)."""
+    step = module.global_step
+    bank = getattr(module, "trajectory_bank", None)
+    refresh = config.xt_bank_refresh
+    if bank is None or (refresh and step - bank.sampled_at >= refresh):
+        bank = module.trajectory_bank = TrajectoryBank(step - step % refresh if refresh else step)
+    trajectories, timesteps = bank.get(module, config, trained_prompt)
+    which = torch.randint(config.xt_bank, (config.batch_size,), generator=generator)
+    stops = torch.randint(config.ddim_steps, (config.batch_size,), generator=generator)
+    latents, t = trajectories[which, stops], timesteps[stops]
+    if config.query_timestep == "window":
+        windows = [timestep_window(int(k), config.ddim_steps, module.noise_schedule.config.num_train_timesteps)
+                   for k in stops]
+        t = torch.tensor([int(torch.randint(low, high, (1,), generator=generator)) for low, high in windows])
+    t = t.to(module.device)
+    conditions = [concept_embeds, null_embeds, *([trained_embeds] if config.erase_from else [])]
+    frozen = module.predict_frozen(latents.repeat(len(conditions), 1, 1, 1), t.repeat(len(conditions)),
+                                   torch.cat(conditions)).chunk(len(conditions))
+    eps_concept, eps_null = frozen[0], frozen[1]
+    eps_from = frozen[2] if config.erase_from else eps_concept
     target = esd_target(eps_from, eps_concept, eps_null, config.eta)
     return module.loss(module.predict(latents, t, trained_embeds), target)
 

@@ -125,6 +125,8 @@ class ToyWorld(Protocol):
         "time": {"method": {"guide": ["a square"], "prompt_template": "a {concept}"}},
         # AdvUnlearn: its utility term keeps every other toy-world concept (the erased ones are dropped)
         "advunlearn": {"method": {"retain": CONCEPTS, "prompt_template": "a {concept}"}},
+        # SLD: the safety concept in the toy world's phrasing ("a circle"), as ESD's prompt
+        "sld": {"method": {"prompt_template": "a {concept}"}},
     }
 
     def derived_defaults(self, recipe: str, config: DictConfig) -> dict:

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -128,3 +130,40 @@ def test_the_timestep_window_is_the_compvis_codes():
     assert timestep_window(0, 50, 1000) == (980, 1000)  # no step taken: the noisiest window
     assert timestep_window(49, 50, 1000) == (0, 20)
     assert timestep_window(10, 30, 1000) == (633, 667)
+
+
+# ----- the x_t bank ---------------------------------------------------------------------------------
+def test_a_recorded_trajectory_holds_every_partial_sample():
+    """Latent k of a recorded trajectory is what sampling stopped after k steps gives, from the same noise."""
+    module = make("esd-x")
+    embeds = module.encode(["a circle"] * 2)
+    trajectory, timesteps = module.sample_until(embeds, 5, 6, 3.0, torch.Generator().manual_seed(0), record=True)
+    assert trajectory.shape == (2, 6, 4, 16, 16) and len(timesteps) == 6
+    for stop in (0, 2, 5):
+        latents, t = module.sample_until(embeds, stop, 6, 3.0, torch.Generator().manual_seed(0))
+        assert torch.equal(trajectory[:, stop], latents) and int(timesteps[stop]) == int(t[0])
+
+
+def test_bank_steps_draw_from_the_bank_and_resample_only_when_due():
+    pipeline = load_pipeline(TOYWORLD_MODEL)
+    module = ESD(pipeline, ESDConfig(ddim_steps=5, batch_size=3, xt_bank=4, sample_from="trained", xt_bank_refresh=2),
+                 ["circle"])
+    seen = {}
+    predict = module.predict
+
+    def recording_predict(latents, t, embeds):
+        seen["latents"], seen["t"] = latents, t
+        return predict(latents, t, embeds)
+
+    module.predict = recording_predict
+    banks = []
+    for step in range(5):
+        module._trainer = SimpleNamespace(global_step=step, world_size=1, global_rank=0)  # a step counter
+        with torch.no_grad():
+            loss = esd_loss(module, module.config)
+        trajectories, timesteps = module.trajectory_bank.trajectories["circle"]
+        banks.append(module.trajectory_bank)
+        drawn = [(i, k) for j in range(3) for i in range(4) for k in range(5)
+                 if torch.equal(trajectories[i, k], seen["latents"][j]) and int(timesteps[k]) == int(seen["t"][j])]
+        assert torch.isfinite(loss) and len(drawn) >= 3  # each sample of the batch is a bank latent at its timestep
+    assert banks[0] is banks[1] and banks[1] is not banks[2] and banks[2] is banks[3] and banks[4] is not banks[3]
