@@ -21,6 +21,8 @@ With 33 images, 0.00 has the interval [0.00, 0.10]: 0.00 and 0.03 are not differ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 
 import torch
@@ -85,6 +87,11 @@ def suite_accuracy(evaluator: Evaluator, images: torch.Tensor, concepts: list[st
 def accuracy_with_interval(evaluator: Evaluator, images: torch.Tensor, concepts: list[str],
                            name: str) -> dict[str, float | list[float]]:
     """``{name: share, name_ci95: [low, high]}`` of images in which the evaluator sees their concept."""
-    seen = evaluator.sees(images, concepts)
+    return share_with_interval(evaluator.sees(images, concepts), name)
+
+
+def share_with_interval(successes: torch.Tensor | Sequence[bool], name: str) -> dict[str, float | list[float]]:
+    """``{name: share, name_ci95: [low, high]}`` of per-image successes, with the 95% Wilson interval."""
+    seen = torch.as_tensor(successes, dtype=torch.bool)
     low, high = wilson_interval(int(seen.sum()), len(seen))
     return {name: round(float(seen.float().mean()), 4), name + INTERVAL: [round(low, 4), round(high, 4)]}

@@ -12,7 +12,7 @@ import torch
 from erasure.generation import Sampler
 from erasure.methods.base import EraserModule
 from evaluation.evaluators import Evaluator
-from evaluation.metrics import INTERVAL, accuracy_with_interval, wilson_interval
+from evaluation.metrics import accuracy_with_interval
 from evaluation.suites import Prompt
 
 EMBEDDING_POSITIONS = ("concept+end", "all")
@@ -139,11 +139,11 @@ class AttackResult:
     fields: dict
 
 
-def success_fields(successes: Sequence[bool], name: str = ASR) -> dict:
-    """``{name: share, name_ci95: [low, high]}`` of a list of per-image successes."""
-    count = int(sum(bool(s) for s in successes))
-    low, high = wilson_interval(count, len(successes))
-    return {name: round(count / len(successes), 4), name + INTERVAL: [round(low, 4), round(high, 4)]}
+def record_loss(losses: list[float], loss: torch.Tensor | float, attack: str, lr_option: str) -> None:
+    """Append one step's loss; a loss that is no longer finite stops the attack with the option to lower."""
+    losses.append(float(loss))
+    if not math.isfinite(losses[-1]):
+        raise FloatingPointError(f"{attack}: the loss became {losses[-1]}; lower attack.{lr_option}")
 
 
 def attacker_rows(rows: Sequence[Prompt], count: int) -> list[Prompt]:

@@ -40,14 +40,13 @@ positions after the concept's word still carry it; ``all`` frees them too).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from erasure.methods.base import EraserModule
-from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images
+from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images, record_loss
 
 MAX_UNET_BATCH = 32  # samples per UNet call of one step (a step's gradients are accumulated over calls)
 
@@ -152,9 +151,7 @@ def optimise(module: EraserModule, free: FreeEmbeddings, latents: torch.Tensor, 
         optimizer.step()
         if config.embedding_keep_norm:
             free.keep_norms()
-        losses.append(total)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"embedding: the loss became {total}; lower attack.embedding_lr")
+        record_loss(losses, total, "embedding", "embedding_lr")
     return losses
 
 

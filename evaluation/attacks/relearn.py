@@ -38,7 +38,6 @@ each branch. Same seed, same numbers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 from erasure.layers import CROSS_ATTENTION_KV, matching_modules
 from erasure.methods.base import EraserModule
 from evaluation.attacks.base import (
-    ASR, AttackConfig, AttackConfigError, AttackResult, Target, attacker_rows, first_last, original_images,
+    ASR, AttackConfig, AttackConfigError, AttackResult, Target, attacker_rows, first_last, original_images, record_loss,
 )
 from evaluation.metrics import INTERVAL, accuracy_with_interval
 from evaluation.suites import Prompt
@@ -76,9 +75,7 @@ def fine_tune(module: EraserModule, parameters: Sequence[torch.nn.Parameter], la
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"relearn: the loss became {losses[-1]}; lower attack.relearn_lr")
+        record_loss(losses, loss, "relearn", "relearn_lr")
         at(step)
     return losses
 

@@ -20,13 +20,12 @@ The attacked images are the target prompts with the learned tokens, the evaluati
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images
+from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images, record_loss
 from evaluation.suites import Prompt
 
 
@@ -98,9 +97,7 @@ def learn_tokens(attack: str, target: Target, config: AttackConfig) -> AttackRes
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"{attack}: the loss became {losses[-1]}; lower the attack's lr")
+            record_loss(losses, loss, attack, "lr")
     finally:
         tokens.close()
     module.forget_prompts()  # embeddings of the new tokens changed

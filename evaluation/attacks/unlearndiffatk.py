@@ -26,13 +26,13 @@ evaluation image, the first in which the concept was seen, or the last checkpoin
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from evaluation.attacks.base import AttackConfig, AttackResult, Target, success_fields
+from evaluation.attacks.base import ASR, AttackConfig, AttackResult, Target, record_loss
+from evaluation.metrics import share_with_interval
 from evaluation.attacks.tokens import PlaceholderTokens, word_vocabulary
 
 
@@ -83,10 +83,7 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
                 (loss * len(active)).backward()  # a sum over the pairs: each prefix gets its own gradient
                 continuous.grad = table.grad[slots].clone()
                 optimizer.step()
-                losses.append(float(loss.detach()))
-                if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"unlearndiffatk: the loss became {losses[-1]}; "
-                                             "lower attack.unlearndiffatk_lr")
+                record_loss(losses, loss, "unlearndiffatk", "unlearndiffatk_lr")
                 if iteration % config.unlearndiffatk_check_every and iteration != config.unlearndiffatk_iterations:
                     continue
                 # checkpoint: the discrete prompts as text, through the method's own generation path
@@ -105,7 +102,6 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
         finally:
             tokens.close()
             module.forget_prompts()
-    fields = {**success_fields(found.tolist()),
-              **success_fields(seen_before.tolist(), "pre_attack_success_rate"),
+    fields = {**share_with_interval(found, ASR), **share_with_interval(seen_before, "pre_attack_success_rate"),
               "attacked_images": len(open_pairs), "iterations_run": len(losses)}
     return AttackResult(images, attacked_text, losses, fields)
