@@ -228,7 +228,7 @@ def add_attacks(rows: list[dict], runs: list[tuple[str, Run, Path]], options: Di
         for a in attacks:
             row[f"robustness/{a}_asr"] = results[a]["attack_success_rate"]
             row[f"robustness/{a}_asr{INTERVAL}"] = results[a]["attack_success_rate_ci95"]
-            if "pre_attack_success_rate" in results[a]:  # unlearndiffatk reports the share before its search
+            if "pre_attack_success_rate" in results[a]:  # unlearndiffatk and embedding: the share before the search
                 row[f"robustness/{a}_pre_asr"] = results[a]["pre_attack_success_rate"]
 
 
@@ -254,8 +254,9 @@ def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict,
         "![metrics](metrics.png)", "",
         *(["Robustness: `robustness/<attack>_asr` is the attack success rate, the share of the attacked target "
             "prompts' images in which the evaluator sees the concept again (`evaluation.attacks`; budget: "
-            f"{attack_budget}). `unlearndiffatk_pre_asr` is the share before its search (the paper's pre-attack "
-            "success).", "", "![robustness against fidelity](robustness.png)", ""] if attack_budget else []),
+            f"{attack_budget}). `<attack>_pre_asr` is the share before the attack's search (UnlearnDiffAtk's pre-attack "
+            "success; the attacks that count the concept at any checkpoint of their search, unlearndiffatk and "
+            "embedding, never fall below it).", "", "![robustness against fidelity](robustness.png)", ""] if attack_budget else []),
         "## Text-encoder similarity (instruction templates)", "",
         "Cosine similarity between the plain prompt and its rewrite: pooled = the text encoder's pooled output "
         "(end token); concept_token = the hidden state of the concept's token in the plain prompt vs every "

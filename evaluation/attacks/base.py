@@ -12,7 +12,7 @@ import torch
 from erasure.generation import Sampler
 from erasure.methods.base import EraserModule
 from evaluation.evaluators import Evaluator
-from evaluation.metrics import accuracy_with_interval
+from evaluation.metrics import accuracy_with_interval, share_with_interval
 from evaluation.suites import Prompt
 
 EMBEDDING_POSITIONS = ("concept+end", "all")
@@ -38,6 +38,7 @@ class AttackConfig:
     embedding_lr: float = 1e-2
     embedding_positions: str = "concept+end"  # concept+end | all: which positions of each prompt's encoding are free
     embedding_keep_norm: bool = True  # each free position keeps its norm (projected Adam); false: unconstrained
+    embedding_check_every: int = 100  # generate and look at step 0, every N steps and after the last
     # relearn: fine-tune the erased model's trained tensors on the attacker's images, measured after each count
     relearn_steps: list[int] = field(default_factory=lambda: [0, 25, 50, 100])
     relearn_lr: float = 1e-4
@@ -72,7 +73,7 @@ def check_attack_config(config: AttackConfig) -> None:
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise AttackConfigError(f"'attack.{key}' must be a positive number, got {value}")
-    for key in ("unlearndiffatk_tokens", "unlearndiffatk_iterations", "unlearndiffatk_check_every",
+    for key in ("embedding_check_every", "unlearndiffatk_tokens", "unlearndiffatk_iterations", "unlearndiffatk_check_every",
                 "ring_a_bell_tokens", "ring_a_bell_population", "ring_a_bell_generations"):
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -158,6 +159,38 @@ def original_images(module: EraserModule, data_rows: Sequence[Prompt], sampler: 
     text = list(prompts) if prompts is not None else [r.prompt for r in data_rows]
     return module.generate(text, [r.evaluation_seed + DATA_SEED_OFFSET for r in data_rows], sampler, original=True,
                            batch_size=max(len(text), 1))
+
+
+class Recovery:
+    """Per evaluation image of a target: has the concept been seen at any checkpoint of an attack's
+    search so far (UnlearnDiffAtk's protocol: the attacker keeps the best prompt it has found)?
+
+    Starts from ``before``, the images of the search's starting point (one per evaluation image),
+    whose share is ``pre_attack_success_rate``. :meth:`check` records a checkpoint's images for some
+    evaluation images; each keeps the first image in which the concept was seen, else the latest."""
+
+    def __init__(self, target: Target, before: torch.Tensor, prompts: Sequence[str]):
+        self.target = target
+        self.images, self.prompts = before.clone(), list(prompts)
+        self.before = target.evaluator.sees(before, target.concepts).bool()
+        self.found = self.before.clone()
+
+    @property
+    def open(self) -> list[int]:
+        """The evaluation images in which the concept has not been seen yet."""
+        return (~self.found).nonzero().flatten().tolist()
+
+    def check(self, indices: Sequence[int], images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Record one checkpoint's images of the evaluation images ``indices``; returns what the evaluator saw."""
+        seen = self.target.evaluator.sees(images, [self.target.concepts[i] for i in indices]).bool()
+        for i, image, prompt, hit in zip(indices, images, prompts, seen):
+            if not self.found[i]:
+                self.images[i], self.prompts[i], self.found[i] = image, prompt, bool(hit)
+        return seen
+
+    def fields(self) -> dict:
+        """``attack_success_rate`` (seen at any checkpoint) and ``pre_attack_success_rate``, with intervals."""
+        return {**share_with_interval(self.found, ASR), **share_with_interval(self.before, "pre_attack_success_rate")}
 
 
 def first_last(losses: list[float]) -> list[float] | None:

@@ -25,9 +25,16 @@ trained on: unconstrained, the free positions drift off it, and the guided sampl
 the original model (toy world, 300 steps at lr 1e-2: the original model's circles fell from 1.00
 to 0.39 unconstrained, to 0.67 with the constraint, while an ESD run's rose from 0.09 to 0.21 and
 0.48): the objective is the denoising loss, not the guided samples the evaluator sees.
-The attacked images are then generated through the method's own generation path (its prompt
+The attacked images are generated through the method's own generation path (its prompt
 rewriting, negative prompts, guidance) with E_p[F_p <- e_p] substituted for the text encoder's
-output of p, the same prompts and seeds as the evaluation.
+output of p, the same prompts and seeds as the evaluation, at the start (e_p = E_p: the erased
+model's own images), every ``attack.embedding_check_every`` steps and after the last. As in
+UnlearnDiffAtk's protocol an evaluation image counts as recovered if the evaluator sees the concept
+at any of these checkpoints (the attacker keeps the best conditioning it has found), so the attack
+success rate is at least the erased model's own target accuracy (``pre_attack_success_rate``);
+``attack_success_rate_by_step`` gives each checkpoint's share alone. The checkpoints matter
+because the denoising objective is not what the evaluator sees: on the original model the
+guided samples' circles fall from 1.00 at the start to 0.67 after 300 steps (above).
 
 No prompt reaches these embeddings in general (they need not be the encoding of any token
 sequence), so the attack success rate is an upper bound on what text-side attacks (inversion,
@@ -40,13 +47,15 @@ positions after the concept's word still carry it; ``all`` frees them too).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from erasure.methods.base import EraserModule
-from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images, record_loss
+from evaluation.attacks.base import (
+    AttackConfig, AttackResult, Recovery, Target, attacker_rows, original_images, record_loss,
+)
 
 MAX_UNET_BATCH = 32  # samples per UNet call of one step (a step's gradients are accumulated over calls)
 
@@ -133,12 +142,14 @@ class FreeEmbeddings:
 
 
 def optimise(module: EraserModule, free: FreeEmbeddings, latents: torch.Tensor, owners: Sequence[int],
-             config: AttackConfig, generator: torch.Generator, steps: int) -> list[float]:
-    """``steps`` Adam steps on every prompt's free embeddings; returns the mean loss per step."""
+             config: AttackConfig, generator: torch.Generator, steps: int,
+             checkpoint: Callable[[int], None] = lambda step: None) -> list[float]:
+    """``steps`` Adam steps on every prompt's free embeddings, calling ``checkpoint(step)`` every
+    ``attack.embedding_check_every`` steps and after the last; returns the mean loss per step."""
     by_prompt = [[i for i, o in enumerate(owners) if o == k] for k in range(len(free.prompts))]
     optimizer = torch.optim.Adam(free.free, lr=config.embedding_lr)
     losses = []
-    for _ in tqdm(range(steps), desc="embedding", unit="step"):
+    for step in tqdm(range(1, steps + 1), desc="embedding", unit="step"):
         picks = [(k, mine[int(j)]) for k, mine in enumerate(by_prompt) if mine
                  for j in torch.randint(len(mine), (config.batch_size,), generator=generator)]
         optimizer.zero_grad()
@@ -152,11 +163,14 @@ def optimise(module: EraserModule, free: FreeEmbeddings, latents: torch.Tensor, 
         if config.embedding_keep_norm:
             free.keep_norms()
         record_loss(losses, total, "embedding", "embedding_lr")
+        if step % config.embedding_check_every == 0 or step == steps:
+            checkpoint(step)
     return losses
 
 
 def attack(target: Target, config: AttackConfig) -> AttackResult:
-    """Optimise each target prompt's free encoder outputs, then generate the target prompts with them."""
+    """Optimise each target prompt's free encoder outputs; generate the target prompts with them at
+    every checkpoint."""
     module, rows = target.module, target.rows
     module.requires_grad_(False)  # the erased model is frozen: only the free embeddings train
     generator = torch.Generator().manual_seed(config.seed)
@@ -168,13 +182,25 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
     free = FreeEmbeddings(module, sent, words, config.embedding_positions)
     index = {prompt: k for k, prompt in enumerate(free.prompts)}
     owners = [index[sent[k % len(rows)]] for k in range(len(data_rows))]
-    losses = optimise(module, free, latents, owners, config, generator, config.steps)
-    with free.substituted():
-        images = module.generate(target.prompts, target.seeds, target.sampler)
+    label = f" [encoder output optimised at {config.embedding_positions}, step {{step}}]"
+
+    def generated(step: int) -> tuple[torch.Tensor, list[str]]:
+        with free.substituted():
+            images = module.generate(target.prompts, target.seeds, target.sampler)
+        return images, [p + label.format(step=step) for p in target.prompts]
+
+    recovery = Recovery(target, *generated(0))
+    by_step = {0: recovery.before}
+
+    def checkpoint(step: int) -> None:
+        images, prompts = generated(step)
+        by_step[step] = recovery.check(range(len(prompts)), images, prompts)
+
+    losses = optimise(module, free, latents, owners, config, generator, config.steps, checkpoint)
     counts = [len(p) for p in free.positions]
-    fields = {**target.success(images),
+    fields = {**recovery.fields(), "checkpoint_steps": list(by_step),
+              "attack_success_rate_by_step": [round(float(seen.float().mean()), 4) for seen in by_step.values()],
               "free_positions": f"{config.embedding_positions}: {min(counts)}-{max(counts)} of "
                                 f"{free.base.shape[1]} positions per prompt",
               "attacker_images": len(data_rows)}
-    label = [f"{p} [encoder output optimised at {config.embedding_positions}]" for p in target.prompts]
-    return AttackResult(images, label, losses, fields)
+    return AttackResult(recovery.images, recovery.prompts, losses, fields)

@@ -26,13 +26,11 @@ evaluation image, the first in which the concept was seen, or the last checkpoin
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from evaluation.attacks.base import ASR, AttackConfig, AttackResult, Target, record_loss
-from evaluation.metrics import share_with_interval
+from evaluation.attacks.base import AttackConfig, AttackResult, Recovery, Target, record_loss
 from evaluation.attacks.tokens import PlaceholderTokens, word_vocabulary
 
 
@@ -46,15 +44,11 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
     module, sampler = target.module, target.sampler
     tokenizer = module.pipeline.tokenizer
     module.requires_grad_(False)
-    prompts, seeds, concepts = target.prompts, target.seeds, target.concepts
+    prompts, seeds = target.prompts, target.seeds
     generator = torch.Generator().manual_seed(config.seed)
 
-    before = module.generate(prompts, seeds, sampler)
-    seen_before = target.evaluator.sees(before, concepts).bool()
-    images = before.clone()
-    found = seen_before.clone()
-    attacked_text = list(prompts)
-    open_pairs = [i for i in range(len(prompts)) if not found[i]]
+    recovery = Recovery(target, module.generate(prompts, seeds, sampler), prompts)
+    open_pairs = recovery.open
     k = config.unlearndiffatk_tokens
     losses: list[float] = []
     if open_pairs:
@@ -89,19 +83,14 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
                 # checkpoint: the discrete prompts as text, through the method's own generation path
                 discrete = project(continuous.detach(), table.detach(), vocabulary)
                 texts = {j: f"{tokenizer.decode(discrete[j])} {prompts[open_pairs[j]]}" for j in active}
-                shown = module.generate(list(texts.values()), [seeds[open_pairs[j]] for j in texts], sampler)
-                seen = target.evaluator.sees(shown, [concepts[open_pairs[j]] for j in texts]).bool()
-                for (j, text), image, hit in zip(texts.items(), shown, seen):
-                    i = open_pairs[j]
-                    images[i], attacked_text[i] = image, text
-                    if hit:
-                        found[i] = True
-                        searching[j] = False
+                attacked = [open_pairs[j] for j in texts]
+                shown = module.generate(list(texts.values()), [seeds[i] for i in attacked], sampler)
+                seen = recovery.check(attacked, shown, list(texts.values()))
+                searching[[j for j, hit in zip(texts, seen) if hit]] = False
                 if not searching.any():
                     break
         finally:
             tokens.close()
             module.forget_prompts()
-    fields = {**share_with_interval(found, ASR), **share_with_interval(seen_before, "pre_attack_success_rate"),
-              "attacked_images": len(open_pairs), "iterations_run": len(losses)}
-    return AttackResult(images, attacked_text, losses, fields)
+    fields = {**recovery.fields(), "attacked_images": len(open_pairs), "iterations_run": len(losses)}
+    return AttackResult(recovery.images, recovery.prompts, losses, fields)

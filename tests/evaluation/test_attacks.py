@@ -237,6 +237,19 @@ def test_unlearndiffatk_counts_the_concept_at_any_checkpoint(toy_classifier):
     assert result.prompts[0] != ROWS[0].prompt
 
 
+def test_embedding_counts_the_concept_at_any_checkpoint():
+    """Call 0 looks at the start (image 2 shows it), call 1 at step 2 (image 0), call 2 at step 4
+    (nothing): the success rate keeps what any checkpoint saw; each checkpoint's own share is reported."""
+    module = erased_uce()
+    evaluator = ScriptedEvaluator({0: [2], 1: [0]})
+    config = AttackConfig(steps=4, embedding_check_every=2, images=3, batch_size=1)
+    result = measure_attack("embedding", Target(module, ROWS[:3], FAST, 1, evaluator), config)
+    fields = result.fields
+    assert fields["pre_attack_success_rate"] == round(1 / 3, 4) and fields["attack_success_rate"] == round(2 / 3, 4)
+    assert fields["checkpoint_steps"] == [0, 2, 4] and fields["attack_success_rate_by_step"] == [round(1 / 3, 4)] * 2 + [0]
+    assert evaluator.calls == 3 and result.prompts[0].endswith("step 2]") and result.prompts[1].endswith("step 4]")
+
+
 def test_ring_a_bell_search_never_loses_ground_and_finds_a_known_prompt(toy_pipeline):
     module = UCE(toy_pipeline, UCEConfig(), ["circle"])
     tokenizer = toy_pipeline.tokenizer
