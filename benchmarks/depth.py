@@ -33,7 +33,7 @@ CONCEPT = "circle"
 # the toy world. The others weaken the trained methods' defaults: ESD's lr and steps towards the paper's lr 1e-5, UCE's erase
 # scale against its preserve term, Concept Ablation's steps; SLD (no training) its presets.
 GRID = [
-    ("esd", "lr 1e-3, 150 steps (toy preset)", []),
+    ("esd", "lr 1e-3, 150 steps (toy preset, paper loop)", []),
     ("esd", "lr 3e-4, 150 steps", ["method.lr=3e-4"]),
     ("esd", "lr 1e-4, 150 steps", ["method.lr=1e-4"]),
     ("esd", "lr 1e-4, 50 steps", ["method.lr=1e-4", "trainer.max_steps=50"]),
@@ -48,6 +48,9 @@ GRID = [
     ("sld", "medium preset (default)", []),
 ]
 ATTACKS = ("unlearndiffatk", "embedding", "relearn")
+# every method in the loop its step counts were set for: ESD's and its settings' in the paper's (x_t
+# sampled every step by the trained model; the recipe's default is the x_t bank since it was measured)
+LOOP = {"esd": ["method.sample_from=trained", "method.xt_bank=0"]}
 
 
 def run_setting(output: Path, method: str, overrides: list[str]) -> Path:
@@ -57,7 +60,7 @@ def run_setting(output: Path, method: str, overrides: list[str]) -> Path:
     folder = output / "runs" / name
     if not (folder / "metrics.json").is_file():
         train(load_config([f"recipe={method}", f"concept=[{CONCEPT}]", f"output_dir={folder}", "overwrite=true",
-                           *overrides]))
+                           *LOOP.get(method, []), *overrides]))
     return folder
 
 

@@ -4,6 +4,10 @@ One loader serves the embedded toy world (``checkpoints/toyworld/sd``), any loca
 diffusers folder, and a hub id where the machine is online. The bundle *is* a
 ``StableDiffusionPipeline`` (without safety checker), so every path the methods and the
 evaluation take is the one real Stable Diffusion takes.
+
+The shipped data (``recipes/`` and ``checkpoints/toyworld/``) lies at the top of the repository in a
+checkout or an editable install, and inside the package (``erasure/_data``, mapped there by
+pyproject.toml) in an installed wheel; :func:`resolve_path` finds a file among them.
 """
 
 from __future__ import annotations
@@ -14,14 +18,39 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOYWORLD_MODEL = REPO_ROOT / "checkpoints" / "toyworld" / "sd"
-TOYWORLD_CLASSIFIER = REPO_ROOT / "checkpoints" / "toyworld" / "classifier"
+PACKAGE_DATA = Path(__file__).resolve().parent / "_data"  # only in an installed wheel
+INSTALLED = PACKAGE_DATA.is_dir()
+SHIPPED_ROOT = PACKAGE_DATA if INSTALLED else PACKAGE_DATA.parent.parent  # holds recipes/ and checkpoints/toyworld/
+REPOSITORY_ONLY = (Path("checkpoints") / "toyworld-v1",)  # shipped with the repository, not the wheel
+TOYWORLD_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld" / "sd"
+TOYWORLD_CLASSIFIER = SHIPPED_ROOT / "checkpoints" / "toyworld" / "classifier"
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
 
 class ModelLoadError(RuntimeError):
     """A model folder that is missing, incomplete or unreadable."""
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path from a config or a command line, such as ``recipes/esd.yaml`` or ``checkpoints/toyworld/sd``.
+
+    Precedence: an absolute path as given; else the working directory, so a user's
+    ``recipes/<name>.yaml`` or model folder there wins over the shipped one; else the shipped data
+    (the repository's top-level folders in a checkout or an editable install, ``erasure/_data`` in an
+    installed wheel). A path found in neither is returned as given, for the caller's error to name;
+    a repository-only checkpoint (``checkpoints/toyworld-v1``) in an installed package is a
+    :class:`ModelLoadError` saying so.
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    shipped = SHIPPED_ROOT / path
+    if shipped.exists():
+        return shipped
+    if INSTALLED and any(path.is_relative_to(folder) for folder in REPOSITORY_ONLY):
+        raise ModelLoadError(f"{path} is in the repository only, not in the installed package; run from a clone of "
+                             "the repository or use the shipped checkpoints/toyworld")
+    return path
 
 
 def check_model_folder(path: Path) -> None:

@@ -6,7 +6,9 @@
 Each entry of ``recipes`` is a recipe name (run now, into <output_dir>/runs/<name>) or a finished
 run directory (reused). ``instruction`` runs once per template in ``templates``. Every other
 key=value is passed to every recipe. A comparison directory whose runs finished is reused, so an
-interrupted comparison continues where it stopped.
+interrupted comparison continues where it stopped. The runs are trained here one after another,
+or through ``launcher.*`` (``erasure.launch``: local processes, several GPUs, SLURM), e.g.
+``launcher.cluster=local launcher.parallel=4 launcher.gpus_per_job=1``.
 
 The comparison directory receives comparison.csv, comparison.md, metrics.png (bar chart),
 grid.png (a row per method, the same prompts and seeds), the seed study's analyses (text-encoder
@@ -32,7 +34,8 @@ from erasure.config import (
 from erasure.generation import Sampler, generate
 from erasure.io import atomic_write_text
 from erasure.methods.instruction import NEGATIVE_PROMPT, rewrite
-from erasure.runs import Run, attack_run, load_run, train, train_in_subprocess
+from erasure.launch import LaunchConfig, check_launcher, launch
+from erasure.runs import Run, TrainingStopped, attack_run, load_run, train, train_in_subprocess
 from evaluation import comparison
 from evaluation.analysis.attention import attention_curve, concept_positions
 from evaluation.analysis.text import template_similarities
@@ -42,7 +45,7 @@ from evaluation.protocols import get_protocol
 from evaluation.report import image_grid
 from evaluation.suites import load_csv, write_table
 
-COMPARE_KEYS = {"recipes", "templates", "output_dir", "overwrite", "grid_prompts", "attacks", "attack"}
+COMPARE_KEYS = {"recipes", "templates", "output_dir", "overwrite", "grid_prompts", "attacks", "attack", "launcher"}
 # what must agree between entries for their numbers to be comparable
 PROTOCOL_KEYS = ("seed", "protocol", "model.path", "model.resolution", "evaluation.evaluator", "evaluation.steps",
                  "evaluation.guidance", "evaluation.images_per_prompt", "evaluation.target_csv",
@@ -61,6 +64,7 @@ class CompareOptions:
     grid_prompts: int = 4
     attacks: list[str] = field(default_factory=list)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    launcher: LaunchConfig = field(default_factory=LaunchConfig)  # how the entries' runs are trained (erasure.launch)
 
 
 @dataclass
@@ -108,6 +112,7 @@ def plan(arguments: list[str]) -> tuple[list[Entry], DictConfig, Path]:
     check_protocol(entries)
     check_numbers({"grid_prompts": options.grid_prompts})
     attack_settings(options)
+    check_launcher(OmegaConf.to_object(options.launcher))
     return entries, options, output
 
 
@@ -134,20 +139,27 @@ def _templates(recipe: str, forwarded: list[str], options: DictConfig) -> list[s
     return chosen
 
 
-def run_entries(entries: list[Entry]) -> list[tuple[str, Run, Path]]:
-    finished = []
+def run_entries(entries: list[Entry], launcher: LaunchConfig, output: Path) -> list[tuple[str, Run, Path]]:
+    """Train the entries that have not finished (here, or through ``launcher``); every entry's run."""
+    todo = []
     for k, entry in enumerate(entries, start=1):
         path = Path(entry.config.output_dir)
         done = (path / "metrics.json").exists()
         print(f"[{k}/{len(entries)}] {entry.label}: {'reusing ' + str(path) if done else 'running'}", flush=True)
         if not done:
             entry.config.overwrite = path.exists()  # a run interrupted before it finished starts again
-            if entry.config.trainer.devices == 1:
-                train(entry.config)
-            else:  # Lightning's DDP launcher re-runs the command line: give it the train command's own
-                train_in_subprocess([*entry.arguments, f"overwrite={entry.config.overwrite}"])
-        finished.append((entry.label, load_run(path), path))
-    return finished
+            todo.append(entry)
+    if launcher.cluster != "inline":
+        codes = launch([[*e.arguments, f"overwrite={e.config.overwrite}"] for e in todo], launcher, output)
+        failed = [e.label for e, code in zip(todo, codes) if code != 0]
+        if failed:
+            raise TrainingStopped(f"the runs of {', '.join(failed)} failed; see {output / 'launcher'} and their folders")
+    for entry in todo if launcher.cluster == "inline" else []:
+        if entry.config.trainer.devices == 1:
+            train(entry.config)
+        else:  # Lightning's DDP launcher re-runs the command line: give it the train command's own
+            train_in_subprocess([*entry.arguments, f"overwrite={entry.config.overwrite}"])
+    return [(entry.label, load_run(entry.config.output_dir), Path(entry.config.output_dir)) for entry in entries]
 
 
 def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, grid_prompts: int) -> dict:
@@ -279,7 +291,7 @@ def compare(arguments: list[str]) -> Path:
     entries, options, output = plan(arguments)
     if output.exists() and any(output.iterdir()) and not options.get("overwrite") and not (output / "runs").is_dir():
         raise ConfigError(f"output_dir {output} exists and is not a comparison; pass another output_dir")
-    runs = run_entries(entries)
+    runs = run_entries(entries, OmegaConf.to_object(options.launcher), output)
     protocol = runs[0][1].metrics["protocol"]
     evaluation = runs[0][1].config.evaluation
     sampler = Sampler(steps=evaluation.steps, guidance=evaluation.guidance)
@@ -296,7 +308,7 @@ def compare(arguments: list[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(__doc__, compare, argv)
+    return run_command(__doc__, compare, argv, {TrainingStopped: (1, "error")})
 
 
 if __name__ == "__main__":

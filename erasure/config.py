@@ -15,10 +15,16 @@ Presets and protocols hold a section per recipe name. The top level is checked a
 an unknown key, a value of the wrong type or an invalid choice is a :class:`ConfigError` with a
 one-line message naming it and the valid choices. ``sources`` in the resolved config names the
 layer each value came from.
+
+Recipes and presets are looked up by :func:`erasure.bundle.resolve_path`: a ``recipes/<name>.yaml``
+(or ``recipes/models/<preset>.yaml``) in the working directory comes before the shipped one of the
+same name (the repository's in a checkout, the installed package's otherwise), and adds to the names
+available; so do relative paths such as ``model.path``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -29,12 +35,13 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from erasure.bundle import REPO_ROOT, is_hub_id
+from erasure.bundle import SHIPPED_ROOT, is_hub_id, resolve_path
+from erasure.loggers import PACKAGES as LOGGER_PACKAGES
 from evaluation.evaluators import CLIPConfig, NudeNetConfig, TorchvisionConfig
 from evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, ProtocolError, get_protocol
 from evaluation.protocols.toyworld import ToyWorldEvaluatorConfig
 
-RECIPES_DIR = REPO_ROOT / "recipes"
+RECIPES_DIR = Path("recipes")  # relative: resolved against the working directory, then the shipped data
 PRESETS_DIR = RECIPES_DIR / "models"
 BASE_RECIPE = "base"
 AUTO, NO_PRESET = "auto", "none"
@@ -62,6 +69,8 @@ class TrainerConfig:
     precision: str = "32-true"
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 50
+    logger: str = "csv"  # csv | tensorboard | wandb | mlflow (erasure.loggers)
+    num_nodes: int = 1  # machines of a multi-node run (Lightning's launcher or SLURM starts one process per device)
 
 
 @dataclass
@@ -106,8 +115,13 @@ class RunConfig:
     sources: dict[str, str] = field(default_factory=dict)  # resolved key -> the layer it came from
 
 
+def yaml_names(folder: Path) -> list[str]:
+    """The names of the YAML files in ``folder`` of the working directory and of the shipped data."""
+    return sorted({p.stem for root in (Path.cwd(), SHIPPED_ROOT) for p in (root / folder).glob("*.yaml")})
+
+
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != BASE_RECIPE)
+    return [name for name in yaml_names(RECIPES_DIR) if name != BASE_RECIPE]
 
 
 def _keys_at(schema: DictConfig, full_key: str) -> list[str]:
@@ -163,7 +177,7 @@ def normalise_concepts(value: Any) -> list[str]:
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    return yaml_names(PRESETS_DIR)
 
 
 def load_preset(name: str) -> DictConfig:
@@ -173,7 +187,7 @@ def load_preset(name: str) -> DictConfig:
     if name not in available_presets():
         raise ConfigError(f"unknown model preset '{name}' for model.preset; available: "
                           f"{', '.join([AUTO, *available_presets(), NO_PRESET])}")
-    preset = OmegaConf.load(PRESETS_DIR / f"{name}.yaml")
+    preset = OmegaConf.load(resolve_path(PRESETS_DIR / f"{name}.yaml"))
     parent = preset.pop("inherit", None)
     return OmegaConf.merge(load_preset(parent), preset) if parent else preset
 
@@ -215,8 +229,8 @@ def load_config(arguments: list[str]) -> DictConfig:
         raise ConfigError(f"no recipe given; pass recipe=<name>, one of: {', '.join(recipes)}")
     if recipe not in recipes:
         raise ConfigError(f"unknown recipe '{recipe}'; available recipes: {', '.join(recipes)}")
-    base = OmegaConf.load(RECIPES_DIR / f"{BASE_RECIPE}.yaml")
-    recipe_layer = OmegaConf.load(RECIPES_DIR / f"{recipe}.yaml")
+    base = OmegaConf.load(resolve_path(RECIPES_DIR / f"{BASE_RECIPE}.yaml"))
+    recipe_layer = OmegaConf.load(resolve_path(RECIPES_DIR / f"{recipe}.yaml"))
     above = OmegaConf.merge(recipe_layer, overrides)
     try:
         peek = OmegaConf.merge(base, above)
@@ -309,7 +323,8 @@ def load_run_config(run_dir: Path) -> DictConfig:
 # ----- values: checked at configuration time against what the libraries underneath accept -----------
 MAX_INT, MAX_SEED = 2**31 - 1, 2**32 - 1  # seeds: numpy's and Lightning's range
 POSITIVE = {  # keys (the part after "method." for methods) whose values must be > 0
-    "trainer.max_steps", "trainer.devices", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
+    "trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_n_steps",
     "evaluation.steps", "evaluation.images_per_prompt", "evaluation.batch_size", "model.resolution",
     "method.lr", "method.batch_size", "method.sigma", "method.ddim_steps", "method.rank", "method.alpha",
     "method.num_anchor_images", "method.anchor_steps", "method.lam", "method.max_grad_norm",
@@ -359,7 +374,7 @@ def check_template(key: str, template: str, fields: tuple[str, ...]) -> None:
 
 
 def check_path(key: str, value: str | None, kind: str) -> None:
-    """A configured file or folder must exist (relative to the working directory or the repository)."""
+    """A configured file or folder must exist (relative to the working directory or the shipped data)."""
     if not value:
         return
     try:
@@ -389,6 +404,13 @@ def check_trainer(trainer: DictConfig) -> None:
     if trainer.strategy not in STRATEGIES:
         raise ConfigError(f"invalid value for 'trainer.strategy': {trainer.strategy!r}; choose one of: "
                           f"{', '.join(STRATEGIES)}")
+    if trainer.logger not in LOGGER_PACKAGES:
+        raise ConfigError(f"invalid value for 'trainer.logger': {trainer.logger!r}; choose one of: "
+                          f"{', '.join(LOGGER_PACKAGES)}")
+    package = LOGGER_PACKAGES[trainer.logger]
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"trainer.logger={trainer.logger} needs the {package} package; "
+                          f"pip install 'erasure[{trainer.logger}]' or use trainer.logger=csv")
 
 
 def torch_gpu_count() -> int:
@@ -421,12 +443,3 @@ def check_values(config: DictConfig) -> None:
     if evaluation.enabled and evaluation.evaluator in weights:
         key, kind = weights[evaluation.evaluator]
         check_path(key, OmegaConf.select(config, key), kind)
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Paths in configs are relative to the working directory, else to the repository (shipped files)."""
-    path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    in_repo = REPO_ROOT / path
-    return in_repo if in_repo.exists() else path

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +32,7 @@ from erasure.bundle import load_pipeline
 from erasure.config import ConfigError, load_run_config, resolve_path
 from erasure.generation import Sampler
 from erasure.io import atomic_save, atomic_write_text
+from erasure.loggers import build_logger
 from erasure.methods import METHODS
 from erasure.methods.base import EraserModule
 from evaluation.attacks import AttackConfig, Target, budget, measure_attack
@@ -177,8 +177,9 @@ def train(config: DictConfig) -> Path:
         callbacks.append(evaluation)
     trainer = L.Trainer(
         max_steps=config.trainer.max_steps, max_epochs=-1, accelerator=config.trainer.accelerator,
-        devices=config.trainer.devices, strategy=config.trainer.strategy, precision=config.trainer.precision,
-        logger=CSVLogger(output, name="logs", version=""), callbacks=callbacks, default_root_dir=output,
+        devices=config.trainer.devices, num_nodes=config.trainer.num_nodes, strategy=config.trainer.strategy,
+        precision=config.trainer.precision,
+        logger=build_logger(config.trainer.logger, output), callbacks=callbacks, default_root_dir=output,
         log_every_n_steps=config.trainer.log_every_n_steps, enable_model_summary=False, num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()], gradient_clip_val=module.gradient_clip_val(),
     )

@@ -17,10 +17,16 @@ import torch
 
 from erasure.generation import Sampler
 from erasure.io import atomic_write_text
+from erasure.loggers import log_image
 from evaluation.evaluators import Evaluator, has_features
 from evaluation.metrics import CLIP_SCORE, KID, SUITE_METRICS, accuracy_with_interval, kid
 from evaluation.report import comparison_grid, write_report
 from evaluation.suites import Prompt, write_csv
+
+
+def scalars(prefix: str, metrics: dict) -> dict[str, float]:
+    """The numbers of ``metrics`` as ``<prefix>/<name>`` for the loggers (intervals stay in metrics.json)."""
+    return {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class EvaluationCallback(L.Callback):
@@ -38,6 +44,8 @@ class EvaluationCallback(L.Callback):
         self.before: dict[str, float] = {}
         self.eval_seconds = 0.0
         self.fit_started = 0.0
+        self.paused = 0.0  # seconds of the fit spent in periodic evaluations
+        self.history: list[dict] = []  # every evaluation after the start: step, training seconds, metrics
 
     # ----- generation and scoring -----------------------------------------------------------
     def _rows(self, suite: str) -> tuple[list[str], list[int], list[str]]:
@@ -106,23 +114,36 @@ class EvaluationCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, module) -> None:
         _, self.before = self._evaluate(trainer, module, original=True)
         for logger in trainer.loggers:
-            logger.log_metrics({f"before/{k}": v for k, v in self.before.items()}, step=trainer.global_step)
+            logger.log_metrics(scalars("before", self.before), step=trainer.global_step)
         self.fit_started = time.perf_counter()
+
+    def training_seconds(self) -> float:
+        """Seconds of the fit so far, periodic evaluations excluded."""
+        return time.perf_counter() - self.fit_started - self.paused
 
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step < trainer.max_steps:
+            trained_for, paused_at = self.training_seconds(), time.perf_counter()
             _, metrics = self._evaluate(trainer, module, original=False)
+            self.history.append({"step": trainer.global_step, "train_seconds": round(trained_for, 2), **metrics})
             for logger in trainer.loggers:
-                logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+                logger.log_metrics(scalars("eval", metrics), step=trainer.global_step)
+            self.paused += time.perf_counter() - paused_at
 
     def on_fit_end(self, trainer: L.Trainer, module) -> None:
-        fit_seconds = time.perf_counter() - self.fit_started
+        fit_seconds = self.training_seconds()
         images, after = self._evaluate(trainer, module, original=False)
+        self.history.append({"step": trainer.global_step, "train_seconds": round(fit_seconds, 2), **after})
+        seconds = {"seconds/fit": fit_seconds, "seconds/eval": self.eval_seconds}
         for logger in trainer.loggers:
-            logger.log_metrics({f"after/{k}": v for k, v in after.items()}, step=trainer.global_step)
-            logger.save()
+            logger.log_metrics({**scalars("after", after), **seconds}, step=trainer.global_step)
         if trainer.is_global_zero:
             self.write(images, after, fit_seconds)
+            for suite in self.suites:
+                log_image(trainer.loggers, f"samples/{suite}", self.output_dir / "samples" / f"{suite}.png",
+                          trainer.global_step)
+        for logger in trainer.loggers:
+            logger.save()
 
     # ----- outputs -------------------------------------------------------------------------
     def protocol(self) -> dict:
@@ -147,6 +168,7 @@ class EvaluationCallback(L.Callback):
         info = {k: v for k, v in self.run_info.items() if k != "protocol"}  # the protocol's name is in "protocol"
         metrics = {**info, "before": self.before, "after": after,
                    "seconds": {"fit": round(fit_seconds, 1), "eval": round(self.eval_seconds, 1)},
-                   "protocol": self.protocol()}
+                   "protocol": self.protocol(),
+                   **({"history": self.history} if self.every_n_steps else {})}
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_report(out / "report.md", metrics, self.protocol(), grids)

@@ -58,6 +58,7 @@ def test_runs_with_different_protocols_are_refused(tmp_path, uce_run, capsys):
     (["recipes=[esd,nope]"], "'nope' in recipes is neither a recipe"),
     (["recipes=[instruction]", "templates=[shouting]"], "unknown template 'shouting' in templates"),
     (["recipes=[esd]", "trainer.max_step=3"], "unknown key 'trainer.max_step'"),
+    (["recipes=[esd]", "launcher.cluster=mars"], "invalid value for 'launcher.cluster': 'mars'; choose one of: inline"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, arguments, message):
     output = tmp_path / "comparison"
@@ -68,11 +69,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, arguments, m
 
 
 def test_prompts_that_do_not_spell_the_concept_skip_the_analyses(tmp_path, capsys):
+    """(Its run is trained through the local launcher: a process of its own, as erasure.launch starts it.)"""
     prompts = tmp_path / "target.csv"
     prompts.write_text("case_number,prompt,evaluation_seed,concept\n0,a red disk,0,circle\n1,a blue disk,1,circle\n")
     output = tmp_path / "comparison"
     assert main(["recipes=[instruction]", "templates=[explicit]", f"output_dir={output}",
-                 f"evaluation.target_csv={prompts}", *SMALL]) == 0
+                 f"evaluation.target_csv={prompts}", "launcher.cluster=local", *SMALL]) == 0
+    assert list((output / "launcher").glob("*_log.out"))  # submitit's log of the job
     assert "no target prompt spells 'circle': no text or attention analysis for it" in capsys.readouterr().out
     assert (output / "report.md").is_file() and (output / "grid.png").is_file()
     assert not (output / "attention_circle.png").exists()

@@ -117,3 +117,43 @@ def test_a_concept_the_tokenizer_cannot_encode_is_refused():
     check_concepts(WordTokenizer(), ["van gogh"])
     with pytest.raises(ConfigError, match="cannot encode concept 'van Ŋ' .unknown tokens."):
         check_concepts(WordTokenizer(), ["van Ŋ"])
+
+
+def test_periodic_evaluations_are_kept_with_their_training_time(tmp_path):
+    """``evaluation.every_n_steps``: each evaluation during the fit is in metrics.json's history with the
+    training seconds before it; the last entry is the final evaluation."""
+    output = tmp_path / "run"
+    assert main(["recipe=esd", "trainer.max_steps=4", f"output_dir={output}", "evaluation.every_n_steps=2",
+                 "evaluation.images_per_prompt=1", *FAST[:-1]]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    history = metrics["history"]
+    assert [entry["step"] for entry in history] == [2, 4]
+    assert 0 < history[0]["train_seconds"] < history[1]["train_seconds"] == pytest.approx(metrics["seconds"]["fit"], abs=0.06)
+    assert {k: v for k, v in history[1].items() if k not in ("step", "train_seconds")} == metrics["after"]
+    assert 0 <= history[0]["efficacy/target_acc"] <= 1
+
+
+def test_tensorboard_logger_holds_the_loss_curve_and_the_sample_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "run"
+    assert main(["recipe=esd", "trainer.max_steps=3", f"output_dir={output}", "trainer.logger=tensorboard",
+                 "trainer.log_every_n_steps=1", "evaluation.images_per_prompt=1", *FAST[:-1]]) == 0
+    events = EventAccumulator(str(output / "logs"), size_guidance={"images": 0}).Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [0, 1, 2]
+    assert events.Scalars("after/efficacy/target_acc")[0].value == json.loads((output / "metrics.json").read_text())["after"]["efficacy/target_acc"]
+    assert {"samples/target", "samples/synonym", "samples/retained"} <= set(events.Tags()["images"])
+    assert events.Images("samples/target")[0].width > 0
+
+
+@pytest.mark.parametrize("logger, message", [
+    ("neptune", "invalid value for 'trainer.logger': 'neptune'; choose one of: csv, tensorboard, wandb, mlflow"),
+    ("wandb", "trainer.logger=wandb needs the wandb package; pip install 'erasure[wandb]' or use trainer.logger=csv"),
+])
+def test_unknown_or_missing_logger_is_one_line(tmp_path, capsys, monkeypatch, logger, message):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    assert main(["recipe=esd", f"trainer.logger={logger}", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()

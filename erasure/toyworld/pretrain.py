@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms.functional import gaussian_blur
 
+from erasure.bundle import ModelLoadError, resolve_path
 from erasure.generation import to_unit_range
 from erasure.io import atomic_directory
 from erasure.toyworld import architecture as arch
@@ -356,13 +357,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this model folder (holding sd/ and classifier/): keeps its VAE and classifier")
     args = parser.parse_args(argv)
-    if args.init is not None and not (args.init / "sd" / "unet").is_dir():
+    try:
+        init = resolve_path(args.init) if args.init is not None else None
+    except ModelLoadError as error:
+        parser.error(f"--init {error}")
+    if init is not None and not (init / "sd" / "unet").is_dir():
         parser.error(f"--init {args.init}: no sd/unet folder there; give a folder written by --output")
     budget = QUICK if args.quick else Budget()
     if args.unet_steps is not None:
         budget = Budget(**(asdict(budget) | {"unet_steps": args.unet_steps}))
     work = args.work or Path("runs/pretrain-quick" if args.quick else "runs/pretrain")
-    pretrain(args.output, work, budget, args.seed, args.lr, args.init)
+    pretrain(args.output, work, budget, args.seed, args.lr, init)
 
 
 if __name__ == "__main__":

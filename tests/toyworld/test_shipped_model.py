@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from erasure.bundle import REPO_ROOT, TOYWORLD_MODEL
+from erasure.bundle import SHIPPED_ROOT, TOYWORLD_MODEL
 from erasure.methods.instruction import InstructionConfig
 
-V1_MODEL = REPO_ROOT / "checkpoints" / "toyworld-v1" / "sd"
+V1_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld-v1" / "sd"
 EMBEDDING = "embeddings.token_embedding.weight"
 # every word of the instruction baseline's templates and of the captions' absence and request phrases
 INSTRUCTION_WORDS = sorted(
