@@ -26,6 +26,7 @@ MAIN_KEYS = [
     ("protocol", "benchmark: " + " | ".join(PROTOCOLS) + " (default toyworld)"),
     ("method.*", "the method's options, e.g. method.train_method=esd-u method.loss=hellinger method.eta=1.0"),
     ("trainer.max_steps", "training steps"),
+    ("trainer.logger", "csv (default) | tensorboard | wandb | mlflow"),
     ("model.path", "a local Stable Diffusion diffusers folder (default: the embedded toy world)"),
     ("model.preset", "published hyperparameters: auto (detected) | " + " | ".join(available_presets()) + " | none"),
     ("output_dir", "run directory (default runs/<recipe>/<time>)"),
