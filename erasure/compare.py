@@ -34,8 +34,8 @@ from erasure.config import (
 from erasure.generation import Sampler, generate
 from erasure.io import atomic_write_text
 from erasure.methods.instruction import NEGATIVE_PROMPT, rewrite
-from erasure.launch import LaunchConfig, check_launcher, launch
-from erasure.runs import Run, TrainingStopped, attack_run, load_run, train, train_in_subprocess
+from erasure.launch import LaunchConfig, check_launcher, launch, train_command
+from erasure.runs import Run, TrainingStopped, attack_run, load_run, train
 from evaluation import comparison
 from evaluation.analysis.attention import attention_curve, concept_positions
 from evaluation.analysis.text import template_similarities
@@ -149,16 +149,21 @@ def run_entries(entries: list[Entry], launcher: LaunchConfig, output: Path) -> l
         if not done:
             entry.config.overwrite = path.exists()  # a run interrupted before it finished starts again
             todo.append(entry)
-    if launcher.cluster != "inline":
-        codes = launch([[*e.arguments, f"overwrite={e.config.overwrite}"] for e in todo], launcher, output)
-        failed = [e.label for e, code in zip(todo, codes) if code != 0]
-        if failed:
-            raise TrainingStopped(f"the runs of {', '.join(failed)} failed; see {output / 'launcher'} and their folders")
-    for entry in todo if launcher.cluster == "inline" else []:
-        if entry.config.trainer.devices == 1:
-            train(entry.config)
-        else:  # Lightning's DDP launcher re-runs the command line: give it the train command's own
-            train_in_subprocess([*entry.arguments, f"overwrite={entry.config.overwrite}"])
+    commands = [[*entry.arguments, f"overwrite={entry.config.overwrite}"] for entry in todo]
+    if launcher.cluster == "inline":
+        codes = []
+        for entry, command in zip(todo, commands):
+            if entry.config.trainer.devices == 1:
+                train(entry.config)
+                codes.append(0)
+            else:  # Lightning's DDP launcher re-runs the command line: give it the train command's own
+                codes.append(train_command(command))
+    else:
+        codes = launch(commands, launcher, output)
+    failed = [entry.label for entry, code in zip(todo, codes) if code != 0]
+    if failed:
+        logs = "" if launcher.cluster == "inline" else f" and {output / 'launcher'}"
+        raise TrainingStopped(f"the runs of {', '.join(failed)} failed; see their folders{logs}")
     return [(entry.label, load_run(entry.config.output_dir), Path(entry.config.output_dir)) for entry in entries]
 
 

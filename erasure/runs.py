@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -197,14 +196,6 @@ def train(config: DictConfig) -> Path:
                               f"{output / 'erased'} holds the weights before it; lower method.lr or check the inputs")
     print(f"erased {', '.join(config.concept)} with {config.recipe} in {time.perf_counter() - started:.1f} s -> {output}")
     return output
-
-
-def train_in_subprocess(arguments: list[str]) -> None:
-    """Run ``python -m erasure.train <arguments>`` in its own process (multi-device runs: Lightning's
-    DDP launcher re-runs the command line of the process that trains)."""
-    result = subprocess.run([sys.executable, "-m", "erasure.train", *arguments])
-    if result.returncode != 0:
-        raise TrainingStopped(f"python -m erasure.train {' '.join(arguments)} exited with {result.returncode}")
 
 
 # ----- finished runs ------------------------------------------------------------------------------

@@ -70,8 +70,8 @@ def run_name(values: dict[str, str]) -> str:
     return re.sub(r"[^\w.=+-]+", "_", text).strip("_") or "run"
 
 
-def plan(arguments: list[str]) -> tuple[list[tuple[dict[str, str], list[str]]], LaunchConfig, Path]:
-    """Every run's (swept values, train arguments), checked; the launcher options; the sweep folder."""
+def plan(arguments: list[str]) -> tuple[list[tuple[dict[str, str], list[str], Path]], LaunchConfig, Path]:
+    """Every run's (swept values, train arguments, run folder), checked; the launcher options; the sweep folder."""
     launcher, arguments = launcher_options(arguments)
     fixed, axes = [], {}
     for argument in arguments:
@@ -92,23 +92,22 @@ def plan(arguments: list[str]) -> tuple[list[tuple[dict[str, str], list[str]]], 
     runs = []
     for combination in itertools.product(*axes.values()):
         values = dict(zip(axes, combination))
-        run_arguments = [*fixed, *(f"{k}={v}" for k, v in values.items()),
-                         f"output_dir={output / 'runs' / run_name(values)}"]
+        folder = output / "runs" / run_name(values)
+        run_arguments = [*fixed, *(f"{k}={v}" for k, v in values.items()), f"output_dir={folder}"]
         load_config(run_arguments)  # every run checked before any starts
-        runs.append((values, run_arguments))
+        runs.append((values, run_arguments, folder))
     return runs, launcher, output
 
 
 def sweep(arguments: list[str]) -> Path:
     runs, launcher, output = plan(arguments)
-    folders = [Path(run[1][-1].split("=", 1)[1]) for run in runs]
-    todo = [k for k, folder in enumerate(folders) if not (folder / "metrics.json").is_file()]
+    todo = [k for k, (_, _, folder) in enumerate(runs) if not (folder / "metrics.json").is_file()]
     print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} finished before), launcher {launcher.cluster}, "
           f"{launcher.parallel} at once -> {output}", flush=True)
-    commands = [[*runs[k][1], f"overwrite={folders[k].exists()}"] for k in todo]
+    commands = [[*runs[k][1], f"overwrite={runs[k][2].exists()}"] for k in todo]
     codes = dict(zip(todo, launch(commands, launcher, output)))
     rows = []
-    for k, ((values, _), folder) in enumerate(zip(runs, folders)):
+    for k, (values, _, folder) in enumerate(runs):
         row = {"run": folder.name, **values}
         if (folder / "metrics.json").is_file():
             metrics = json.loads((folder / "metrics.json").read_text())
