@@ -126,12 +126,13 @@ def clip_text_config(config: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
 def build_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
     """A T5 tokenizer (the tokenizers-backed Unigram ``T5TokenizerFast`` FluxPipeline declares) over the
     toy world's vocabulary: T5's special ids (<pad> 0, </s> 1, <unk> 2), each toy word one piece
-    "▁word", and single lowercase letters, digits and punctuation so any other lowercase text still
-    encodes (upper case falls back to <unk>). No sentinel <extra_id_*> tokens; ids stay far below 32128."""
+    "▁word" and, capitalised, "▁Word" (T5 is case-sensitive), and single letters, digits and
+    punctuation so any other text still encodes. No sentinel <extra_id_*> tokens; ids stay far below 32128."""
     words = [w for w in vocabulary() if w.isalnum()]
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [("▁" + word, -1.0) for word in words]
-    pieces += [(char, -10.0) for char in string.ascii_lowercase + string.digits + string.punctuation]
+    pieces += [("▁" + word.capitalize(), -1.0) for word in words if word.capitalize() != word]
+    pieces += [(char, -10.0) for char in string.ascii_letters + string.digits + string.punctuation]
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 

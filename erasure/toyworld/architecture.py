@@ -1,4 +1,4 @@
-"""Architectures of the toy world's Stable-Diffusion-format model and of its classifier.
+"""Architectures of the toy world's models (Stable-Diffusion-format and FLUX-format) and of its classifier.
 
 The sizes follow the feasibility measurements in ``shared/TOYWORLD-NOTES.md``: a
 16x16x4 latent space from a small ``AutoencoderKL``, a 2-layer ``CLIPTextModel``, and a
@@ -9,14 +9,24 @@ The noise schedule uses *linear* betas (DDPM's), not SD's ``scaled_linear``: wit
 colour of a 16x16 latent to leak through the noise so that the model learns to read colour
 from the starting noise (which at sampling time carries none); with linear betas it is
 0.006. Sampling uses trailing timestep spacing so the first step is t = 999.
+
+The FLUX-format model (:func:`make_flux_transformer`) is a ``FluxTransformer2DModel`` over the same
+VAE's latents packed 2x2 (16x16x4 -> 64 tokens of 16), 2 double-stream and 4 single-stream blocks of
+4 heads of 32 (2.3M parameters), with a 2-layer T5 encoder (:func:`make_t5_encoder`) for the token
+stream and the SD model's CLIP text encoder for the pooled vector. It is not guidance-distilled
+(``guidance_embeds=False``, as FLUX.1-schnell's architecture): it samples with true classifier-free
+guidance (``FluxPipeline(true_cfg_scale=..., negative_prompt="")``).
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
+    UNet2DConditionModel,
+)
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from erasure.toyworld.world import ATTRIBUTES
 
@@ -65,6 +75,29 @@ def make_train_scheduler() -> DDPMScheduler:
 
 def make_sample_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=1)
+
+
+def make_flux_transformer() -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
+        guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+    )
+
+
+def make_t5_encoder(vocab_size: int, pad_token_id: int, eos_token_id: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=vocab_size, d_model=TEXT_WIDTH, d_kv=32, d_ff=2 * TEXT_WIDTH, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+        decoder_start_token_id=pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def make_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX's Euler sampler without resolution-dependent shifting (shift 1: 64 tokens are far below
+    FLUX's base sequence length of 256)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
 class ToyClassifier(nn.Module):

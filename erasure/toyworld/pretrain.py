@@ -1,6 +1,7 @@
 """Pretrain the toy world's base model and classifier from scratch.
 
     python -m erasure.toyworld.pretrain                 # full run (about 1.5-2 h on a 2-core CPU)
+    python -m erasure.toyworld.pretrain family=flux     # the FLUX-format model beside it (--family flux)
     python -m erasure.toyworld.pretrain --quick --output /tmp/toy   # smoke run, < 2 min
     python -m erasure.toyworld.pretrain --init checkpoints/toyworld-v1 --unet-steps 5000 --lr 5e-4 \
         --output checkpoints/toyworld        # continue a shipped model on today's caption grammar
@@ -16,6 +17,12 @@ Stages, each resumable (rerun the same command after an interruption):
                   AdamW, cosine schedule, EMA).
 5. ``export``     the StableDiffusionPipeline folder ``<output>/sd`` and ``<output>/classifier``.
 
+``family=flux`` trains the FLUX-format model instead (``architecture.make_flux_transformer``) and
+writes ``<output>/flux`` and ``<output>/pretrain_flux.json``: the VAE, the classifier and the initial
+CLIP text encoder are the SD model's in ``--init`` (default: the shipped ``checkpoints/toyworld``),
+the stage ``flow`` trains the transformer, a new T5 encoder and the CLIP encoder jointly with the
+rectified-flow objective (:class:`FlowMatchingTraining`).
+
 With ``--init <folder>`` (a folder holding ``sd`` and ``classifier``, as ``--output`` writes it)
 the VAE and the classifier are that model's, unchanged, and the UNet stage starts from its UNet
 and text encoder: continued pretraining, for instance on a new caption grammar.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,13 +45,15 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, FluxPipeline, StableDiffusionPipeline
 from diffusers.training_utils import compute_snr
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms.functional import gaussian_blur
+from transformers import CLIPTextModel
 
+from erasure.architectures import build_t5_tokenizer
 from erasure.bundle import ModelLoadError, resolve_path
 from erasure.generation import to_unit_range
 from erasure.io import atomic_directory
@@ -60,13 +70,14 @@ class Budget:
     dataset_size: int = 40_000
     classifier_steps: int = 1500
     unet_steps: int = 8000
+    flow_steps: int = 6000  # family=flux: the transformer's steps
     vae_batch: int = 32
     classifier_batch: int = 128
     unet_batch: int = 64
     checkpoint_every: int = 250
 
 
-QUICK = Budget(vae_steps=8, dataset_size=256, classifier_steps=8, unet_steps=8,
+QUICK = Budget(vae_steps=8, dataset_size=256, classifier_steps=8, unet_steps=8, flow_steps=8,
                vae_batch=8, classifier_batch=16, unet_batch=8, checkpoint_every=4)
 
 
@@ -194,23 +205,78 @@ class TextToImageTraining(L.LightningModule):
     def configure_optimizers(self):
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
-        warmup = 200
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+        return [optimizer], [{"scheduler": warmup_cosine(optimizer, self.total_steps), "interval": "step"}]
 
 
-def fit(module: L.LightningModule, loader: DataLoader, steps: int, stage_dir: Path, every: int, callbacks=()) -> None:
+def capitalize_sentences(text: str) -> str:
+    """ "please draw a star. a red one" -> "Please draw a star. A red one" (T5 reads case; CLIP does not)."""
+    return ". ".join(sentence[:1].upper() + sentence[1:] for sentence in text.split(". "))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int = 200):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to a tenth of the peak."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class FlowMatchingTraining(L.LightningModule):
+    """Joint training of a FLUX transformer, its T5 encoder and its CLIP encoder with the rectified-flow
+    objective of SD3 and FLUX (Esser et al. 2024, "Scaling Rectified Flow Transformers"):
+
+        x_s = (1 - s) x_0 + s eps,   loss = || v_theta(x_s, c, s) - (eps - x_0) ||^2,
+
+    with s drawn logit-normally (s = sigmoid(n), n ~ N(0, 1)). The latents are the VAE's, shifted and
+    scaled as FluxPipeline reads them ((z - shift_factor) * scaling_factor) and packed 2x2 into tokens.
+    Half the captions are capitalised sentence by sentence, so the case-sensitive T5 reads both forms."""
+
+    def __init__(self, tokenizer, tokenizer_2, clip_init: Path, total_steps: int, lr: float = 5e-4):
+        super().__init__()
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.text_encoder = CLIPTextModel.from_pretrained(clip_init)
+        self.text_encoder_2 = arch.make_t5_encoder(len(tokenizer_2), tokenizer_2.pad_token_id, tokenizer_2.eos_token_id)
+        self.transformer = arch.make_flux_transformer()
+        self.total_steps, self.lr = total_steps, lr
+
+    def token_ids(self, tokenizer, captions: list[str]) -> torch.Tensor:
+        return tokenizer(captions, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        latents, captions = batch
+        captions = [capitalize_sentences(c) if torch.rand(()) < 0.5 else c for c in captions]
+        pooled = self.text_encoder(self.token_ids(self.tokenizer, captions)).pooler_output
+        context = self.text_encoder_2(self.token_ids(self.tokenizer_2, captions))[0]
+        noise = torch.randn_like(latents)
+        s = torch.sigmoid(torch.randn(len(latents), device=self.device))
+        noisy = (1 - s.view(-1, 1, 1, 1)) * latents + s.view(-1, 1, 1, 1) * noise
+        batch_size, channels, height, width = latents.shape
+        pack = lambda x: FluxPipeline._pack_latents(x, batch_size, channels, height, width)  # noqa: E731
+        prediction = self.transformer(
+            hidden_states=pack(noisy), timestep=s, pooled_projections=pooled, encoder_hidden_states=context,
+            txt_ids=torch.zeros(context.shape[1], 3, device=self.device),
+            img_ids=FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2, self.device, latents.dtype),
+        ).sample
+        loss = F.mse_loss(prediction, pack(noise - latents))
+        self.log("flow/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        return [optimizer], [{"scheduler": warmup_cosine(optimizer, self.total_steps), "interval": "step"}]
+
+
+def fit(module: L.LightningModule, loader: DataLoader, steps: int, stage_dir: Path, every: int, callbacks=(),
+        gradient_clip_val: float | None = None) -> None:
     """Train ``module`` for ``steps`` optimizer steps, resuming from ``stage_dir/last.ckpt``."""
     checkpoint = ModelCheckpoint(dirpath=stage_dir, save_last=True, save_top_k=0, every_n_train_steps=every)
     trainer = L.Trainer(
-        max_steps=steps, accelerator="auto", devices=1, logger=False,
+        max_steps=steps, accelerator="auto", devices=1, logger=False, gradient_clip_val=gradient_clip_val,
         callbacks=[checkpoint, TQDMProgressBar(refresh_rate=25), *callbacks],
         log_every_n_steps=10, enable_model_summary=False, num_sanity_val_steps=0, max_epochs=-1,
     )
@@ -313,6 +379,50 @@ def stage_unet(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tens
     return module.unet.eval(), module.text_encoder.eval()
 
 
+def stage_flow(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor], tokenizer, tokenizer_2,
+               clip_init: Path, lr: float) -> FlowMatchingTraining:
+    """The FLUX-format model's transformer and text encoders (``data``'s latents already shifted and scaled)."""
+    done = work / "flow.safetensors"
+    module = FlowMatchingTraining(tokenizer, tokenizer_2, clip_init, budget.flow_steps, lr=lr)
+    if not done.exists():
+        L.seed_everything(seed + 4)
+        dataset = CaptionedLatents(data["latent_mean"], data["latent_std"], scenes_of(data), seed + 4)
+        ema = EMAWeightAveraging(decay=0.999, update_starting_at_step=min(1000, budget.flow_steps // 2))
+        fit(module, DataLoader(dataset, batch_size=budget.unet_batch, shuffle=True, drop_last=True),
+            budget.flow_steps, work / "flow", budget.checkpoint_every, callbacks=[ema], gradient_clip_val=1.0)
+        save_file({k: v.clone() for k, v in module.state_dict().items()}, done)  # clone: T5 ties two names
+    module.load_state_dict(load_file(done))
+    return module.eval()
+
+
+def pretrain_flux(output: Path, work: Path, budget: Budget, init: Path, seed: int = 0, lr: float = 5e-4) -> None:
+    """The FLUX-format toy model: ``<output>/flux`` (see the module docstring)."""
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    vae = stage_vae(budget, work, seed, init)
+    data = stage_dataset(budget, work, seed, vae)
+    shift = float(data["latent_mean"].mean())
+    scaling_factor = float(1.0 / (data["latent_mean"] - shift).std())
+    vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift)
+    shifted = {**data, "latent_mean": (data["latent_mean"] - shift) * scaling_factor,
+               "latent_std": data["latent_std"] * scaling_factor}
+    tokenizer = shipped_or_new_tokenizer()
+    tokenizer_2 = build_t5_tokenizer(arch.MAX_TOKENS)
+    module = stage_flow(budget, work, seed, shifted, tokenizer, tokenizer_2, init / "sd" / "text_encoder", lr)
+    pipeline = FluxPipeline(
+        scheduler=arch.make_flow_scheduler(), vae=vae, text_encoder=module.text_encoder, tokenizer=tokenizer,
+        text_encoder_2=module.text_encoder_2, tokenizer_2=tokenizer_2, transformer=module.transformer,
+    )
+    with atomic_directory(output / "flux") as folder:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    record = {"family": "flux", "budget": asdict(budget), "seed": seed, "lr": lr, "init": str(init),
+              "seconds": round(time.time() - start, 1), "device": str(module.device),
+              "parameters": {name: sum(p.numel() for p in getattr(module, name).parameters())
+                             for name in ("transformer", "text_encoder", "text_encoder_2")}}
+    (output / "pretrain_flux.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[export] wrote {output / 'flux'} in {record['seconds']} s")
+
+
 def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0, lr: float = 1e-3, init: Path | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -348,15 +458,18 @@ def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0, lr: float 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m erasure.toyworld.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=("sd", "flux"), default="sd",
+                        help="sd: the Stable-Diffusion-format model; flux: the FLUX-format one (also as family=flux)")
     parser.add_argument("--output", type=Path, default=Path("checkpoints/toyworld"), help="where the model folders go")
     parser.add_argument("--work", type=Path, default=None, help="stage checkpoints (default: runs/pretrain[-quick])")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny budget: proves the script works, not quality")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet step budget")
-    parser.add_argument("--lr", type=float, default=1e-3, help="UNet-stage peak learning rate")
+    parser.add_argument("--flow-steps", type=int, default=None, help="override the FLUX transformer's step budget")
+    parser.add_argument("--lr", type=float, default=None, help="UNet/flow-stage peak learning rate (1e-3 sd, 5e-4 flux)")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this model folder (holding sd/ and classifier/): keeps its VAE and classifier")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(options_from_overrides(sys.argv[1:] if argv is None else argv))
     try:
         init = resolve_path(args.init) if args.init is not None else None
     except ModelLoadError as error:
@@ -364,10 +477,24 @@ def main(argv: list[str] | None = None) -> None:
     if init is not None and not (init / "sd" / "unet").is_dir():
         parser.error(f"--init {args.init}: no sd/unet folder there; give a folder written by --output")
     budget = QUICK if args.quick else Budget()
-    if args.unet_steps is not None:
-        budget = Budget(**(asdict(budget) | {"unet_steps": args.unet_steps}))
-    work = args.work or Path("runs/pretrain-quick" if args.quick else "runs/pretrain")
-    pretrain(args.output, work, budget, args.seed, args.lr, init)
+    overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("flow_steps", args.flow_steps)) if v is not None}
+    budget = Budget(**(asdict(budget) | overrides))
+    suffix = ("-flux" if args.family == "flux" else "") + ("-quick" if args.quick else "")
+    work = args.work or Path(f"runs/pretrain{suffix}")
+    if args.family == "flux":
+        lr = args.lr if args.lr is not None else 5e-4
+        pretrain_flux(args.output, work, budget, init or resolve_path("checkpoints/toyworld"), args.seed, lr)
+    else:
+        pretrain(args.output, work, budget, args.seed, args.lr if args.lr is not None else 1e-3, init)
+
+
+def options_from_overrides(argv: list[str]) -> list[str]:
+    """``family=flux`` -> ``--family flux``: the key=value form of the other commands, for any option."""
+    options = []
+    for token in argv:
+        key, equals, value = token.partition("=")
+        options += [f"--{key.replace('_', '-')}", value] if equals and not token.startswith("-") else [token]
+    return options
 
 
 if __name__ == "__main__":
