@@ -1,9 +1,10 @@
-"""The model bundle: tokenizer, text encoder, UNet, VAE and scheduler of a Stable Diffusion model.
+"""The model bundle: the diffusers pipeline of a text-to-image model.
 
-One loader serves the embedded toy world (``checkpoints/toyworld/sd``), any local SD-1.x/2.x
-diffusers folder, and a hub id where the machine is online. The bundle *is* a
-``StableDiffusionPipeline`` (without safety checker), so every path the methods and the
-evaluation take is the one real Stable Diffusion takes.
+One loader serves the embedded toy world (``checkpoints/toyworld/sd``, and its FLUX-format twin
+``checkpoints/toyworld/flux``), any local SD-1.x/2.x, SDXL or FLUX diffusers folder, and a hub id
+where the machine is online. The bundle *is* the pipeline its ``model_index.json`` names
+(``StableDiffusionPipeline`` without safety checker, ``StableDiffusionXLPipeline``,
+``FluxPipeline``), so every path the methods and the evaluation take is the one the real model takes.
 
 The shipped data (``recipes/`` and ``checkpoints/toyworld/``) lies at the top of the repository in a
 checkout or an editable install, and inside the package (``erasure/_data``, mapped there by
@@ -16,15 +17,24 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "_data"  # only in an installed wheel
 INSTALLED = PACKAGE_DATA.is_dir()
 SHIPPED_ROOT = PACKAGE_DATA if INSTALLED else PACKAGE_DATA.parent.parent  # holds recipes/ and checkpoints/toyworld/
 REPOSITORY_ONLY = (Path("checkpoints") / "toyworld-v1",)  # shipped with the repository, not the wheel
 TOYWORLD_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld" / "sd"
+TOYWORLD_FLUX_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld" / "flux"
 TOYWORLD_CLASSIFIER = SHIPPED_ROOT / "checkpoints" / "toyworld" / "classifier"
-REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+# model=<name> on the command line: the shipped models by name (any other value is a folder or hub id)
+SHIPPED_MODELS = {"toyworld": "checkpoints/toyworld/sd", "toyworld-flux": "checkpoints/toyworld/flux"}
+PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline)}
+REQUIRED_COMPONENTS = {
+    "StableDiffusionPipeline": ("tokenizer", "text_encoder", "unet", "vae", "scheduler"),
+    "StableDiffusionXLPipeline": ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae",
+                                  "scheduler"),
+    "FluxPipeline": ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer", "vae", "scheduler"),
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -53,8 +63,8 @@ def resolve_path(path: str | Path) -> Path:
     return path
 
 
-def check_model_folder(path: Path) -> None:
-    """Raise :class:`ModelLoadError` naming what is missing from a diffusers SD folder."""
+def check_model_folder(path: Path) -> str:
+    """The pipeline class name of a diffusers folder; :class:`ModelLoadError` naming what is missing or unknown."""
     if not path.is_dir():
         raise ModelLoadError(
             f"model folder {path} does not exist; set model.path to a local Stable Diffusion diffusers folder "
@@ -66,9 +76,13 @@ def check_model_folder(path: Path) -> None:
         index = json.loads((path / "model_index.json").read_text())
     except json.JSONDecodeError as error:
         raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON ({error}); re-export the model") from None
-    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (path / c).is_dir()]
+    kind = index.get("_class_name", "StableDiffusionPipeline")
+    if kind not in REQUIRED_COMPONENTS:
+        raise ModelLoadError(f"{path} holds a {kind}; erasure loads {', '.join(REQUIRED_COMPONENTS)} folders")
+    missing = [c for c in REQUIRED_COMPONENTS[kind] if c not in index or not (path / c).is_dir()]
     if missing:
         raise ModelLoadError(f"model folder {path} is incomplete: missing {', '.join(missing)}; re-export the model")
+    return kind
 
 
 def is_hub_id(path: str | Path) -> bool:
@@ -82,22 +96,21 @@ def is_hub_id(path: str | Path) -> bool:
 
 
 def load_pipeline(path: str | Path = TOYWORLD_MODEL, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline (tokenizer, text encoder, UNet, VAE, scheduler).
-
-    ``path`` is a local diffusers folder or, when no such folder exists and the machine is
-    online, a hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
-    Weights are read from safetensors only; no safety checker is loaded.
+                  dtype: torch.dtype = torch.float32):
+    """Load the pipeline of a local diffusers folder (SD-1.x/2.x, SDXL or FLUX, as its
+    ``model_index.json`` says) or, when no such folder exists and the machine is online, of a hub id
+    such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"`` (loaded as a Stable Diffusion pipeline).
+    Weights are read from safetensors only; no safety checker or watermarker is loaded.
     """
     local = Path(path).expanduser()
     hub = is_hub_id(path)
-    if not hub:
-        check_model_folder(local)
+    kind = "StableDiffusionPipeline" if hub else check_model_folder(local)
+    extras = {"StableDiffusionPipeline": {"safety_checker": None, "feature_extractor": None,
+                                          "requires_safety_checker": False},
+              "StableDiffusionXLPipeline": {"add_watermarker": False}}.get(kind, {})
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            str(local) if not hub else str(path), torch_dtype=dtype, use_safetensors=True,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        pipeline = PIPELINES[kind].from_pretrained(
+            str(local) if not hub else str(path), torch_dtype=dtype, use_safetensors=True, **extras)
     except Exception as error:  # any failure to read the folder: one line naming the model and the cause
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"could not load the model at {path}: {first_line}") from None

@@ -35,7 +35,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from erasure.bundle import SHIPPED_ROOT, is_hub_id, resolve_path
+from erasure.bundle import SHIPPED_MODELS, SHIPPED_ROOT, is_hub_id, resolve_path
 from erasure.loggers import PACKAGES as LOGGER_PACKAGES
 from evaluation.evaluators import CLIPConfig, NudeNetConfig, TorchvisionConfig
 from evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, ProtocolError, get_protocol
@@ -47,6 +47,8 @@ BASE_RECIPE = "base"
 AUTO, NO_PRESET = "auto", "none"
 # model presets by the width of the UNet's cross-attention context (the text encoder's width)
 PRESET_BY_CONTEXT_WIDTH = {128: "toyworld", 768: "sd15", 1024: "sd21"}
+# FLUX-format models by the width of the transformer's text stream (T5's width)
+PRESET_BY_JOINT_WIDTH = {128: "toyworld-flux"}
 
 
 class ConfigError(ValueError):
@@ -55,9 +57,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = "checkpoints/toyworld/sd"
+    path: str = "checkpoints/toyworld/sd"  # or model=<name> for a shipped model (toyworld, toyworld-flux)
     preset: str = AUTO
     resolution: int | None = None
+    gradient_checkpointing: bool = False  # recompute the denoiser's blocks in backward (real sizes: less memory)
 
 
 @dataclass
@@ -149,11 +152,18 @@ def merge_into_schema(schema: DictConfig, *layers: Any, prefix: str = "") -> Dic
 
 
 def parse_overrides(arguments: list[str]) -> DictConfig:
+    """``key=value`` arguments as one config; ``model=<name>`` is ``model.path=`` of a shipped model
+    (:data:`~erasure.bundle.SHIPPED_MODELS`) or, for any other value, of that folder or hub id."""
     bad = [a for a in arguments if "=" not in a or a.startswith("=")]
     if bad:
         raise ConfigError(f"argument '{bad[0]}' is not of the form key=value (e.g. concept=star trainer.max_steps=300)")
     layers = []
     for argument in arguments:
+        key, _, value = argument.partition("=")
+        if key == "model":
+            if not value.strip():
+                raise ConfigError(f"model= needs a value: one of {', '.join(SHIPPED_MODELS)}, or a model folder")
+            argument = f"model.path={SHIPPED_MODELS.get(value, value)}"
         if "${" in argument:
             raise ConfigError(f"'{argument.split('=', 1)[0]}': interpolations (${{...}}) are not taken from the command "
                               "line; write the value literally")
@@ -193,13 +203,16 @@ def load_preset(name: str) -> DictConfig:
 
 
 def detect_preset(model_path: str) -> str:
-    """The model family of a diffusers folder, from its UNet's cross-attention width (``none`` if unknown)."""
-    unet_config = resolve_path(model_path) / "unet" / "config.json"
+    """The model family of a diffusers folder, from its UNet's cross-attention width or its FLUX
+    transformer's text width (``none`` if unknown)."""
+    folder = resolve_path(model_path)
+    denoiser, key, table = (("transformer", "joint_attention_dim", PRESET_BY_JOINT_WIDTH)
+                            if (folder / "transformer").is_dir() else ("unet", "cross_attention_dim", PRESET_BY_CONTEXT_WIDTH))
     try:
-        width = json.loads(unet_config.read_text()).get("cross_attention_dim")
+        width = json.loads((folder / denoiser / "config.json").read_text()).get(key)
     except (OSError, ValueError):
         return NO_PRESET  # a missing or broken folder is reported when the model loads
-    return PRESET_BY_CONTEXT_WIDTH.get(width if isinstance(width, int) else None, NO_PRESET)
+    return table.get(width if isinstance(width, int) else None, NO_PRESET)
 
 
 def choose_protocol(peek: DictConfig) -> tuple[str, str]:

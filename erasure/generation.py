@@ -1,12 +1,17 @@
-"""Batched, seeded generation through the ordinary diffusers pipeline call.
+"""Batched, seeded generation through the ordinary diffusers pipeline call (SD-1.x/2.x, SDXL, FLUX).
 
 Every image has its own ``torch.Generator`` seeded with its own seed, so an image depends on
 (model, prompt, seed, sampler) and not on the other prompts in its batch. The same call gives
 bit-identical images; a different batch size can move a pixel by one level in 8 bits (batched
 float kernels round differently), which no metric here can see.
 
+The :class:`Sampler` is the protocol for every family: SD and SDXL sample with DDIM and
+classifier-free guidance ``guidance``; FLUX with its Euler sampler, ``guidance`` going in as the
+guidance embedding of a guidance-distilled model (FLUX.1-dev) or as true classifier-free guidance
+(``true_cfg_scale``, negative prompt "" unless given) otherwise; ``eta`` is DDIM's only.
+
 A :class:`Guidance` replaces classifier-free guidance (inference-time methods such as Safe Latent
-Diffusion): the denoising loop then runs here, on the pipeline's own parts (prompt encoding,
+Diffusion; SD-1.x/2.x pipelines): the denoising loop then runs here, on the pipeline's own parts (prompt encoding,
 initial latents, scheduler, decoding), so a guidance that returns plain CFG gives the pipeline
 call's images bit for bit.
 """
@@ -21,10 +26,12 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+from erasure.families import StableDiffusion, family_of
+
 
 @dataclass(frozen=True)
 class Sampler:
-    """The sampling protocol: DDIM with ``steps`` steps and classifier-free guidance ``guidance``."""
+    """The sampling protocol: ``steps`` steps (DDIM; FLUX: Euler) with guidance ``guidance``."""
 
     steps: int = 25
     guidance: float = 6.0
@@ -49,15 +56,15 @@ class Guidance:
     extra_prompt: str | None = None
 
 
-def use_ddim(pipeline: StableDiffusionPipeline) -> None:
-    """Switch the pipeline to DDIM with the model's own noise schedule."""
-    if not isinstance(pipeline.scheduler, DDIMScheduler):
+def use_ddim(pipeline) -> None:
+    """Switch a UNet pipeline to DDIM with the model's own noise schedule (FLUX keeps its Euler sampler)."""
+    if hasattr(pipeline, "unet") and not isinstance(pipeline.scheduler, DDIMScheduler):
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
 
 
 @torch.no_grad()
 def generate(
-    pipeline: StableDiffusionPipeline,
+    pipeline,
     prompts: Sequence[str],
     seeds: Sequence[int],
     sampler: Sampler = Sampler(),
@@ -76,8 +83,11 @@ def generate(
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
     if negative_prompts is not None and len(negative_prompts) != len(prompts):
         raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+    family = family_of(pipeline, resolution)
+    if guidance is not None and not isinstance(family, StableDiffusion):
+        raise ValueError(f"a guidance replacement runs the SD-1.x/2.x loop; this is a {family.name} pipeline")
     use_ddim(pipeline)
-    device = pipeline.unet.device
+    device = family.denoiser.device
     images = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generating", unit="batch", disable=not progress or len(starts) < 2):
@@ -86,9 +96,8 @@ def generate(
         negatives = None if negative_prompts is None else list(negative_prompts[start:stop])
         if guidance is None:
             output = pipeline(
-                prompt=list(prompts[start:stop]), negative_prompt=negatives,
-                num_inference_steps=sampler.steps, guidance_scale=sampler.guidance, eta=sampler.eta,
-                generator=generators, output_type="np", height=resolution, width=resolution,
+                prompt=list(prompts[start:stop]), **family.call_arguments(sampler, negatives, len(generators)),
+                generator=generators, output_type="np", height=family.resolution, width=family.resolution,
             ).images
         else:
             output = guided_batch(pipeline, list(prompts[start:stop]), negatives, generators, sampler, guidance,

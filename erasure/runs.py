@@ -57,8 +57,11 @@ def build_module(config: DictConfig, pipeline=None) -> EraserModule:
     """The method module of a validated run config, on the config's model unless one is given."""
     pipeline = pipeline or load_pipeline(resolve_path(config.model.path))
     method = METHODS[config.method.name]
-    return method(pipeline, OmegaConf.to_object(config.method), list(config.concept), seed=config.seed,
-                  resolution=config.model.resolution)
+    module = method(pipeline, OmegaConf.to_object(config.method), list(config.concept), seed=config.seed,
+                    resolution=config.model.resolution)
+    if config.model.gradient_checkpointing:
+        module.denoiser.enable_gradient_checkpointing()
+    return module
 
 
 def check_concepts(tokenizer, concepts: list[str]) -> None:

@@ -4,9 +4,9 @@ and FLUX.1-dev (:func:`build_random_flux_pipeline`).
 
 No weights can be downloaded here, so the code paths of real checkpoints (layer names,
 dimensions, 77-token context, prediction type) are tested on these: same modules, random
-values. The CLIP tokenizers are the toy world's, padded to 77 tokens (its ids lie inside CLIP's
-vocabulary): newly trained for SD-1.x/2.x, the shipped one (:func:`shipped_or_new_tokenizer`: the same
-ids on every build, so a seed fixes the images) for SDXL and FLUX. FLUX's T5 tokenizer is a T5 (Unigram)
+values. The CLIP tokenizers are the toy world's shipped one (:func:`shipped_or_new_tokenizer`: the
+same ids on every build, so a seed fixes the images), padded to 77 tokens (its ids lie inside CLIP's
+vocabulary). FLUX's T5 tokenizer is a T5 (Unigram)
 tokenizer over the toy world's words (:func:`build_t5_tokenizer`): T5's SentencePiece model cannot be
 downloaded either.
 Each JSON names its family ("sd" when absent) and, under "_source", where its values come from.
@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from erasure.toyworld.captions import vocabulary
-from erasure.toyworld.tokenizer import build_tokenizer, shipped_or_new_tokenizer
+from erasure.toyworld.tokenizer import shipped_or_new_tokenizer
 
 ARCHITECTURES = {p.stem: p for p in Path(__file__).parent.glob("*.json")}
 
@@ -110,10 +110,9 @@ def tiny_flux(config: dict) -> dict:
     }
 
 
-def toy_clip_tokenizer(max_length: int, shipped: bool = False) -> CLIPTokenizer:
-    """The toy world's CLIP tokenizer padded to ``max_length``: newly trained (BPE ties may number tokens
-    differently on each build), or with ``shipped`` the shipped one (fixed ids; trained if absent)."""
-    tokenizer = shipped_or_new_tokenizer() if shipped else build_tokenizer()
+def toy_clip_tokenizer(max_length: int) -> CLIPTokenizer:
+    """The toy world's shipped CLIP tokenizer (fixed ids; trained if absent) padded to ``max_length``."""
+    tokenizer = shipped_or_new_tokenizer()
     tokenizer.model_max_length = max_length
     return tokenizer
 
@@ -167,7 +166,7 @@ def build_random_sdxl_pipeline(sample_size: int | None = None, seed: int = 0,
     config = tiny_sdxl(config) if small else config
     torch.manual_seed(seed)
     unet_config = dict(config["unet"], sample_size=sample_size or config["unet"]["sample_size"])
-    tokenizer = toy_clip_tokenizer(config["text_encoder"]["max_position_embeddings"], shipped=True)
+    tokenizer = toy_clip_tokenizer(config["text_encoder"]["max_position_embeddings"])
     tokenizer_2 = copy.deepcopy(tokenizer)
     text_encoder = CLIPTextModel(clip_text_config(config["text_encoder"], tokenizer))
     text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(config["text_encoder_2"], tokenizer_2))
@@ -189,7 +188,7 @@ def build_random_flux_pipeline(sample_size: int | None = None, seed: int = 0, sm
     config = architecture_config("flux")
     config = tiny_flux(config) if small else config
     torch.manual_seed(seed)
-    tokenizer = toy_clip_tokenizer(config["text_encoder"]["max_position_embeddings"], shipped=True)
+    tokenizer = toy_clip_tokenizer(config["text_encoder"]["max_position_embeddings"])
     tokenizer_2 = build_t5_tokenizer(config["tokenizer_2"]["model_max_length"])
     text_encoder = CLIPTextModel(clip_text_config(config["text_encoder"], tokenizer))
     text_encoder_2 = T5EncoderModel(T5Config(**config["text_encoder_2"], pad_token_id=tokenizer_2.pad_token_id,

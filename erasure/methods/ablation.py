@@ -107,7 +107,7 @@ class AblationConfig(MethodConfig):
     anchor_model: str = "frozen"  # frozen | current
     parameters: str = "xattn-kv"
     prior_weight: float = 0.0  # weight of the prior term on its own anchor half-batch (diffusers 1.0, CompVis 0.2)
-    detach_start_token: bool = True  # no gradient through the start token's cross-attention k/v (reference)
+    detach_start_token: bool = True  # no gradient through the start token's cross-attention k/v (reference; no effect on FLUX, whose T5 has no start token)
     optimizer: str = "adamw"  # adamw (reference) | adam
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay (reference)
     max_grad_norm: float | None = 1.0  # gradient-norm clipping (reference); None: none
@@ -210,8 +210,9 @@ def detach_first_token(module: torch.nn.Module, inputs: tuple, output: torch.Ten
 @contextlib.contextmanager
 def start_token_detached(unet: torch.nn.Module) -> Iterator[None]:
     """While active, every cross-attention key and value projection (``attn2.to_k``/``to_v``, LoRA
-    wrappers included) passes no gradient through the start-of-text token's key and value."""
-    include, _ = layers.CROSS_ATTENTION_KV
+    wrappers included) passes no gradient through the start-of-text token's key and value (CLIP's
+    start token: SD and SDXL UNets only)."""
+    include, _ = layers.CROSS_ATTENTION_KV.unet
     handles = [m.register_forward_hook(detach_first_token) for name, m in unet.named_modules() if re.search(include, name)]
     try:
         yield
@@ -225,7 +226,7 @@ def ablation_loss(module: EraserModule, config: AblationConfig, anchors: Anchors
     generator = module.step_generator()
 
     def trained_prediction(x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        with start_token_detached(module.unet) if config.detach_start_token else contextlib.nullcontext():
+        with start_token_detached(module.denoiser) if config.detach_start_token else contextlib.nullcontext():
             return module.predict(x_t, t, embeds)
 
     picks = torch.randint(len(anchors.prompts), (config.batch_size,), generator=generator).tolist()
@@ -280,7 +281,7 @@ class Ablation(EraserModule):
     def check(cls, config: AblationConfig, concepts: Sequence[str]) -> None:
         check_anchor(config, concepts)
 
-    def trained_layers(self) -> layers.Selector:
+    def trained_layers(self) -> layers.Region:
         return PARAMETER_GROUPS[self.config.parameters]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

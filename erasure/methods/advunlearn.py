@@ -111,7 +111,7 @@ class AdvUnlearn(EraserModule):
                              "(method.retain=[a,b]) or method.retain_loss_w=0")
 
     # ----- what is trained ---------------------------------------------------------------
-    def trained_layers(self) -> layers.Selector | None:
+    def trained_layers(self) -> layers.Region | None:
         return layers.CROSS_ATTENTION if self.config.train_method == "xattn" else None
 
     def select_trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -156,7 +156,7 @@ class AdvUnlearn(EraserModule):
         """(DDIM steps to take, the query timestep drawn in the window of the step x_t is then at)."""
         steps = self.config.ddim_steps
         stop = int(torch.randint(steps, (1,), generator=generator))
-        low, high = timestep_window(stop, steps, self.noise_schedule.config.num_train_timesteps)
+        low, high = timestep_window(stop, steps, self.family.num_train_timesteps)
         return stop, int(torch.randint(low, high, (1,), generator=generator))
 
     def noisy_latents(self, embeds: torch.Tensor, stop: int, timestep: int,

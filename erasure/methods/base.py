@@ -2,14 +2,16 @@
 
 It owns what all methods share:
 
-* the model bundle (a ``StableDiffusionPipeline``: tokenizer, text encoder, UNet, VAE,
-  scheduler), all frozen except the tensors the method selects: UNet tensors, or text-encoder
-  tensors named ``text_encoder.<name>``;
-* frozen reference predictions eps*(x_t, c, t) *without a second UNet*: the original values of
-  the trained tensors are kept, and ``torch.func.functional_call`` evaluates the UNet (and the
+* the model bundle (a diffusers pipeline of one :mod:`~erasure.families` family: SD-1.x/2.x,
+  SDXL or FLUX), all frozen except the tensors the method selects: denoiser (UNet or FLUX
+  transformer) tensors, or text-encoder tensors named ``text_encoder.<name>``;
+* frozen reference predictions eps*(x_t, c, t) *without a second denoiser*: the original values of
+  the trained tensors are kept, and ``torch.func.functional_call`` evaluates the denoiser (and the
   text encoder, for the frozen conditioning c) with them;
-* prompt encoding through the pipeline's own ``encode_prompt``, cached per prompt;
-* partial DDIM sampling with classifier-free guidance (x_t for ESD-style objectives);
+* prompt encoding through the pipeline's own ``encode_prompt``, cached per prompt, as a
+  :class:`~erasure.families.Conditioning` (token context, and SDXL's and FLUX's pooled vectors);
+* partial sampling with guidance (x_t for ESD-style objectives): DDIM with classifier-free
+  guidance, or FLUX's Euler sampler;
 * generation through the ordinary pipeline call (for the evaluation callback);
 * saving the result as a delta of the changed tensors.
 
@@ -28,12 +30,12 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from erasure import generation
-from erasure.layers import Selector, matching_modules
+from erasure.families import Conditioning, as_conditioning, family_of
+from erasure.layers import Region, matching_modules
 from erasure.losses import LOSSES
 from erasure.weights import DELTA_FILE, TEXT_ENCODER_PREFIX, DeltaError, load_delta, save_delta
 
@@ -55,42 +57,48 @@ class EraserModule(L.LightningModule):
     choices: ClassVar[dict[str, Sequence[str]]] = {"loss": tuple(LOSSES)}
     edits_weights: ClassVar[bool] = True
 
-    def __init__(self, pipeline: StableDiffusionPipeline, config: MethodConfig, concepts: Sequence[str],
-                 seed: int = 0, resolution: int | None = None):
+    def __init__(self, pipeline, config: MethodConfig, concepts: Sequence[str], seed: int = 0,
+                 resolution: int | None = None):
         super().__init__()
         self.pipeline = pipeline
-        self.unet, self.text_encoder, self.vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
-        for module in (self.unet, self.text_encoder, self.vae):
-            module.requires_grad_(False)
+        self.family = family_of(pipeline, resolution)
+        self.denoiser, self.text_encoder, self.vae = self.family.denoiser, pipeline.text_encoder, pipeline.vae
+        self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)  # SDXL, FLUX (registered: moves with the module)
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False)
         self.config, self.concepts, self.seed = config, list(concepts), seed
-        self.latent_size = (resolution or self.unet.config.sample_size * pipeline.vae_scale_factor) // pipeline.vae_scale_factor
-        self.noise_schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.latent_size = self.family.latent_size
         self.loss_fn = LOSSES[config.loss]
         self.trained = self.select_trainable()
         for parameter in self.trained.values():
             parameter.requires_grad_(True)
         self.original = {name: p.detach().clone() for name, p in self.trained.items()}
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: dict[str, Conditioning] = {}
         self.nonfinite_step: int | None = None  # the step whose loss was not finite, if any
         self.strict_loading = False  # checkpoints hold only the trained tensors
 
     # ----- what is trained ---------------------------------------------------------------
-    def trained_layers(self) -> Selector | None:
-        """Which UNet layers the method changes (``erasure.layers``); None: none."""
+    def trained_layers(self) -> Region | None:
+        """Which denoiser layers the method changes (``erasure.layers``); None: none."""
         raise NotImplementedError
 
     def select_trainable(self) -> dict[str, torch.nn.Parameter]:
-        """The parameters of the UNet's Linear/Conv2d modules that :meth:`trained_layers` selects.
+        """The parameters of the denoiser's Linear/Conv2d modules that :meth:`trained_layers` selects.
 
         A method that trains the text encoder returns its parameters as ``text_encoder.<name>``."""
-        selector = self.trained_layers()
-        if selector is None:
+        region = self.trained_layers()
+        if region is None:
             return {}
-        selected = {f"{module_name}.{parameter_name}": parameter
-                    for module_name, module in matching_modules(self.unet, selector)
-                    for parameter_name, parameter in module.named_parameters(recurse=False)}
+        try:
+            selected = {f"{module_name}.{parameter_name}": parameter
+                        for module_name, module in matching_modules(self.denoiser, region)
+                        for parameter_name, parameter in module.named_parameters(recurse=False)}
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error}; choose other layers for a {self.family.name} model") from None
         if not selected:
-            raise ValueError(f"{self.name}: no UNet parameter matches {selector[0]!r}; is this a Stable Diffusion UNet?")
+            raise ValueError(f"{self.name}: no {type(self.denoiser).__name__} parameter matches "
+                             f"{region.selector_for(self.denoiser)[0]!r}; is this a diffusers SD/SDXL/FLUX model?")
         return selected
 
     @property
@@ -139,32 +147,33 @@ class EraserModule(L.LightningModule):
         return loss
 
     # ----- predictions ------------------------------------------------------------------
-    def encode(self, prompts: Sequence[str], cache: bool = True) -> torch.Tensor:
-        """The current model's text-encoder hidden states (batch, tokens, width) through the pipeline's
-        ``encode_prompt``.
+    def encode(self, prompts: Sequence[str], cache: bool = True) -> Conditioning:
+        """The current model's conditioning (the text encoders' hidden states (batch, tokens, width), and
+        SDXL's or FLUX's pooled vectors) through the pipeline's ``encode_prompt``.
 
         Cached per prompt and without gradients by default; ``cache=False`` encodes afresh with
         gradients (attacks that train token embeddings). While the method trains text-encoder
         tensors, every call encodes afresh with gradients (a cached encoding would be stale after
         the next step)."""
         if not cache or self.trains_text_encoder:
-            return self.pipeline.encode_prompt(list(prompts), self.device, 1, do_classifier_free_guidance=False)[0]
+            return self.family.encode(prompts, self.device)
         return self.encode_frozen(prompts)
 
-    def encode_frozen(self, prompts: Sequence[str]) -> torch.Tensor:
+    def encode_frozen(self, prompts: Sequence[str]) -> Conditioning:
         """The original model's hidden states, the conditioning of :meth:`predict_frozen`; cached per
         prompt, without gradients. The same as :meth:`encode` unless the method trains text-encoder
         tensors; then the original tensors give them, through ``functional_call``."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             with torch.no_grad():
-                embeds = (self.encode_with_original_text_encoder(missing) if self.trains_text_encoder else
-                          self.pipeline.encode_prompt(missing, self.device, 1, do_classifier_free_guidance=False)[0])
-            self._prompt_cache.update(zip(missing, embeds))
-        return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
+                encoded = (Conditioning(self.encode_with_original_text_encoder(missing)) if self.trains_text_encoder
+                           else self.family.encode(missing, self.device))
+            self._prompt_cache.update((prompt, encoded[i:i + 1]) for i, prompt in enumerate(missing))
+        return Conditioning.cat([self._prompt_cache[p] for p in prompts]).to(self.device)
 
     def encode_with_original_text_encoder(self, prompts: Sequence[str]) -> torch.Tensor:
-        """What ``encode_prompt`` (without clip skip) gives with the original text-encoder tensors."""
+        """What ``encode_prompt`` (without clip skip) gives with the original text-encoder tensors
+        (SD-1.x/2.x: the one text encoder's hidden states)."""
         tokenizer = self.pipeline.tokenizer
         tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
@@ -184,64 +193,71 @@ class EraserModule(L.LightningModule):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, H, W, 3) -> VAE latents (the mean of the posterior, scaled)."""
         pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device, self.vae.dtype)
-        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        return self.family.latents_from_vae(self.vae.encode(pixels).latent_dist.mean)
 
-    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """The trained model's noise prediction eps_theta(x_t, c, t)."""
-        return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                condition: Conditioning | torch.Tensor) -> torch.Tensor:
+        """The trained model's prediction eps_theta(x_t, c, t) (v for v-prediction models and FLUX)."""
+        return self.family.output(self.denoiser(**self.family.inputs(latents, timesteps, as_conditioning(condition))),
+                                  latents)
 
     @torch.no_grad()
-    def predict_frozen(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """The original model's prediction eps*(x_t, c, t), from the saved original tensors (``embeds``:
+    def predict_frozen(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                       condition: Conditioning | torch.Tensor) -> torch.Tensor:
+        """The original model's prediction eps*(x_t, c, t), from the saved original tensors (``condition``:
         the original conditioning, :meth:`encode_frozen`)."""
         original = {name: value for name, value in self.original.items() if not name.startswith(TEXT_ENCODER_PREFIX)}
-        return functional_call(self.unet, original, (latents, timesteps), {"encoder_hidden_states": embeds}).sample
+        inputs = self.family.inputs(latents, timesteps, as_conditioning(condition))
+        return self.family.output(functional_call(self.denoiser, original, (), inputs), latents)
 
     @torch.no_grad()
-    def sample_until(self, embeds: torch.Tensor, stop: int, steps: int, guidance: float, generator: torch.Generator,
-                     frozen: bool = False, record: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``stop`` of ``steps`` DDIM steps from pure noise with classifier-free guidance.
+    def sample_until(self, condition: Conditioning | torch.Tensor, stop: int, steps: int, guidance: float,
+                     generator: torch.Generator, frozen: bool = False,
+                     record: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``stop`` of ``steps`` sampling steps from pure noise with guidance ``guidance``: DDIM with
+        classifier-free guidance (FLUX: Euler, the guidance as the family guides, :mod:`erasure.families`).
 
         Returns (x_t, t): the partially denoised latents and the timestep they are at. ``frozen``:
-        sample with the original model (its UNet and unconditional encoding). ``record``: return
+        sample with the original model (its denoiser and unconditional encoding). ``record``: return
         every latent of the trajectory instead, (batch, stop + 1, ...) with the timesteps (stop + 1,)
         they are at.
         """
-        scheduler = DDIMScheduler.from_config(self.pipeline.scheduler.config)
-        scheduler.set_timesteps(steps)
-        shape = (len(embeds), self.unet.config.in_channels, self.latent_size, self.latent_size)
-        latents = torch.randn(shape, generator=generator).to(self.device, embeds.dtype) * scheduler.init_noise_sigma
-        unconditional = (self.encode_frozen if frozen else self.encode)([""] * len(embeds))
+        condition = as_conditioning(condition)
+        scheduler = self.family.sampling_scheduler(steps)
+        shape = (len(condition), self.family.latent_channels, self.latent_size, self.latent_size)
+        latents = torch.randn(shape, generator=generator).to(self.device, condition.embeds.dtype)
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+        unconditional = (self.encode_frozen if frozen else self.encode)([""] * len(condition))
         predict = self.predict_frozen if frozen else self.predict
         trajectory = [latents]
         for t in scheduler.timesteps[:stop]:
-            both = predict(torch.cat([latents, latents]), t, torch.cat([unconditional, embeds]))
-            eps_uncond, eps_cond = both.chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            latents = scheduler.step(eps, t, latents).prev_sample
+            prediction = self.family.guided(predict, latents, t, condition, unconditional, guidance)
+            latents = scheduler.step(prediction, t, latents).prev_sample
             if record:
                 trajectory.append(latents)
         if record:
             return torch.stack(trajectory, dim=1), scheduler.timesteps[:stop + 1].to(self.device)
-        timestep = scheduler.timesteps[stop].expand(len(embeds)).to(self.device)
+        timestep = scheduler.timesteps[stop].expand(len(condition)).to(self.device)
         return latents, timestep
 
     def add_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps with t ~ U{0..T-1}; returns (x_t, eps, t)."""
-        t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), generator=generator)
+        """x_t at a random training timestep t; returns (x_t, eps, t). DDPM: x_t = sqrt(a_t) x_0 +
+        sqrt(1 - a_t) eps, t ~ U{0..T-1}; FLUX: x_t = (1 - s) x_0 + s eps, t = 1000 s."""
+        t = self.family.draw_timesteps(len(latents), generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        return self.noise_schedule.add_noise(latents, noise, t).to(latents), noise, t.to(self.device)
+        return self.family.add_noise(latents, noise, t), noise, t.to(self.device)
 
-    def denoising_loss(self, latents: torch.Tensor, embeds: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The plain diffusion loss || eps_theta(x_t, c, t) - eps ||^2 (eps -> v for v-prediction) at a random t."""
+    def denoising_loss(self, latents: torch.Tensor, condition: Conditioning | torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+        """The plain diffusion loss || eps_theta(x_t, c, t) - eps ||^2 (eps -> v for v-prediction, eps - x_0
+        for FLUX) at a random t."""
         x_t, noise, t = self.add_noise(latents, generator)
-        return torch.nn.functional.mse_loss(self.predict(x_t, t, embeds), self.noise_target(latents, noise, t))
+        return torch.nn.functional.mse_loss(self.predict(x_t, t, condition), self.noise_target(latents, noise, t))
 
     def noise_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the model predicts for x_t = add_noise(latents, noise, t): eps, or v for v-prediction models."""
-        if self.noise_schedule.config.prediction_type == "v_prediction":
-            return self.noise_schedule.get_velocity(latents, noise, t.cpu()).to(latents)
-        return noise
+        """What the model predicts for x_t = add_noise(latents, noise, t): eps, v for v-prediction models,
+        the velocity eps - x_0 for FLUX."""
+        return self.family.target(latents, noise, t)
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(prediction, target, self.config.sigma)
@@ -315,7 +331,7 @@ class EraserModule(L.LightningModule):
 
     # Checkpoints carry the trained tensors only (a full SD UNet would be gigabytes per checkpoint).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = {name if name.startswith(TEXT_ENCODER_PREFIX) else f"unet.{name}" for name in self.trained}
+        keep = {name if name.startswith(TEXT_ENCODER_PREFIX) else f"denoiser.{name}" for name in self.trained}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
 

@@ -45,11 +45,18 @@ from the weights it resumes with. Measured on the toy world (``benchmarks/time_t
 the paper loop's erasure 6.7 times sooner.
 
 Several concepts are erased together by drawing one per step. The target's coefficients sum
-to one, so the same formula holds in v-space for v-prediction models (SD 2.x).
+to one, so the same formula holds in v-space for v-prediction models (SD 2.x) and in velocity
+space for FLUX (rectified flow, v = eps - x_0): there x_t comes from FLUX's Euler sampler with
+``ddim_steps`` steps, and eps*(x_t, t) is the empty prompt's prediction; for a guidance-distilled
+model (FLUX.1-dev) every prediction is at the same guidance embedding (``erasure.families``). The
+``window`` query timestep is DDPM's, so it is refused for FLUX. On SDXL eps*(x_t, t) is the
+pipeline's unconditional prediction (zero conditioning; ``force_zeros_for_empty_prompt``).
 
 Parameter sets (``train_method``): ``esd-x`` all cross-attention (attn2) projections,
 ``esd-x-strict`` only attn2.to_k/to_v, ``esd-u`` every Linear/Conv2d outside attn2,
-``esd-all`` every Linear/Conv2d.
+``esd-all`` every Linear/Conv2d. On FLUX (``erasure.layers``): ``esd-x`` every joint-attention
+projection, ``esd-x-strict`` the text stream's add_k_proj/add_v_proj, ``esd-u`` everything
+outside attention.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from dataclasses import dataclass
 import torch
 
 from erasure import layers
+from erasure.families import Conditioning, Flux
 from erasure.losses import LOSSES
 from erasure.methods.base import EraserModule, MethodConfig
 
@@ -100,11 +108,22 @@ class ESD(EraserModule):
     Config = ESDConfig
     choices = {"loss": tuple(LOSSES), "train_method": tuple(TRAIN_METHODS), **ESD_CHOICES}
 
-    def trained_layers(self) -> layers.Selector:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_family(self, self.config)
+
+    def trained_layers(self) -> layers.Region:
         return TRAIN_METHODS[self.config.train_method]
 
     def objective(self) -> torch.Tensor:
         return esd_loss(self, self.config)
+
+
+def check_family(module: EraserModule, config: ESDConfig) -> None:
+    """Refuse options the model family cannot honour (one line, with the fix)."""
+    if config.query_timestep == "window" and isinstance(module.family, Flux):
+        raise ValueError("method.query_timestep=window draws DDPM timesteps; FLUX is a flow-matching model: "
+                         "use method.query_timestep=ddim (the sampler's own timestep)")
 
 
 def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
@@ -123,7 +142,7 @@ def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
     latents, t = module.sample_until(trained_embeds, stop, config.ddim_steps, config.sample_guidance, generator,
                                      frozen=config.sample_from == "frozen")
     if config.query_timestep == "window":
-        low, high = timestep_window(stop, config.ddim_steps, module.noise_schedule.config.num_train_timesteps)
+        low, high = timestep_window(stop, config.ddim_steps, module.family.num_train_timesteps)
         t = torch.randint(low, high, t.shape, generator=generator).to(t.device)
     eps_concept = module.predict_frozen(latents, t, concept_embeds)
     eps_null = module.predict_frozen(latents, t, null_embeds)
@@ -150,8 +169,8 @@ class TrajectoryBank:
         return self.trajectories[prompt]
 
 
-def bank_loss(module: EraserModule, config: ESDConfig, trained_prompt: str, concept_embeds: torch.Tensor,
-              trained_embeds: torch.Tensor, null_embeds: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def bank_loss(module: EraserModule, config: ESDConfig, trained_prompt: str, concept_embeds: Conditioning,
+              trained_embeds: Conditioning, null_embeds: Conditioning, generator: torch.Generator) -> torch.Tensor:
     """ESD's loss on x_t drawn from the module's trajectory bank (see the module docstring)."""
     step = module.global_step
     bank = getattr(module, "trajectory_bank", None)
@@ -163,13 +182,13 @@ def bank_loss(module: EraserModule, config: ESDConfig, trained_prompt: str, conc
     stops = torch.randint(config.ddim_steps, (config.batch_size,), generator=generator)
     latents, t = trajectories[which, stops], timesteps[stops]
     if config.query_timestep == "window":
-        windows = [timestep_window(int(k), config.ddim_steps, module.noise_schedule.config.num_train_timesteps)
+        windows = [timestep_window(int(k), config.ddim_steps, module.family.num_train_timesteps)
                    for k in stops]
         t = torch.tensor([int(torch.randint(low, high, (1,), generator=generator)) for low, high in windows])
     t = t.to(module.device)
     conditions = [concept_embeds, null_embeds, *([trained_embeds] if config.erase_from else [])]
     frozen = module.predict_frozen(latents.repeat(len(conditions), 1, 1, 1), t.repeat(len(conditions)),
-                                   torch.cat(conditions)).chunk(len(conditions))
+                                   Conditioning.cat(conditions)).chunk(len(conditions))
     eps_concept, eps_null = frozen[0], frozen[1]
     eps_from = frozen[2] if config.erase_from else eps_concept
     target = esd_target(eps_from, eps_concept, eps_null, config.eta)

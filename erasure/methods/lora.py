@@ -1,8 +1,12 @@
-"""LoRA erasers: a PEFT LoRA adapter on chosen UNet modules, trained with an erasure objective,
-saved as a diffusers LoRA folder that ordinary pipelines load.
+"""LoRA erasers: a PEFT LoRA adapter on chosen denoiser modules, trained with an erasure objective,
+saved as a diffusers LoRA folder that ordinary pipelines of the model's family load.
 
-    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe = StableDiffusionPipeline.from_pretrained(base)        # or StableDiffusionXLPipeline, FluxPipeline
     pipe.load_lora_weights(run_dir / "erased", adapter_name="circle")
+
+On FLUX the targets are the joint attention's projections (``xattn`` and ``attn``: every attention
+projection of both streams, the EraseAnything setting; ``xattn-kv``: the text stream's
+add_k_proj/add_v_proj), and the file holds ``transformer.*`` keys as FluxPipeline saves them.
 
 The adapter adds B A x (scaled by alpha / rank) to each targeted projection W x, with B
 initialised to zero, so the untrained adapter *is* the original model: the frozen reference
@@ -22,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from erasure import layers
 from erasure.losses import LOSSES
@@ -63,11 +68,12 @@ class LoRA(EraserModule):
             check_anchor(config, concepts)
 
     def select_trainable(self) -> dict[str, torch.nn.Parameter]:
-        targets = [name for name, _ in layers.matching_modules(self.unet, TARGETS[self.config.target_modules])]
+        denoiser = self.family.denoiser
+        targets = [name for name, _ in layers.matching_modules(denoiser, TARGETS[self.config.target_modules])]
         adapter = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha, target_modules=targets,
                              init_lora_weights=True)
-        self.unet.add_adapter(adapter, adapter_name=ADAPTER)
-        return {name: p for name, p in self.unet.named_parameters() if "lora_" in name}
+        denoiser.add_adapter(adapter, adapter_name=ADAPTER)
+        return {name: p for name, p in denoiser.named_parameters() if "lora_" in name}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.config.objective == "ablation":
@@ -88,20 +94,29 @@ class LoRA(EraserModule):
         return ablation_loss(self, self.config, self.anchors)
 
     def save_erased(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Write a diffusers LoRA folder (``pytorch_lora_weights.safetensors``)."""
+        """Write a diffusers LoRA folder (``pytorch_lora_weights.safetensors``) through the pipeline class's
+        own ``save_lora_weights`` (``unet_lora_layers``; FLUX: ``transformer_lora_layers``)."""
         folder = Path(folder)
-        layers = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        layers = get_peft_model_state_dict(self.denoiser, adapter_name=ADAPTER)
+        type(self.pipeline).save_lora_weights(folder, **{f"{self.family.denoiser_name}_lora_layers": layers},
+                                              safe_serialization=True)
         return folder / LORA_FILE
 
     @torch.no_grad()
     def load_erased(self, folder: Path) -> None:
-        if not (Path(folder) / LORA_FILE).exists():
+        path = Path(folder) / LORA_FILE
+        if not path.exists():
             raise DeltaError(f"{folder} has no {LORA_FILE}; pass the erased/ folder of a LoRA run")
-        state, _ = StableDiffusionPipeline.lora_state_dict(folder)
-        unet_state = {name.removeprefix("unet."): value for name, value in state.items() if name.startswith("unet.")}
         try:
-            result = set_peft_model_state_dict(self.unet, unet_state, adapter_name=ADAPTER)
+            state = load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise DeltaError(f"cannot read the LoRA {path}: {error}; re-run the erasure") from None
+        prefix = f"{self.family.denoiser_name}."
+        denoiser_state = {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)}
+        if not denoiser_state:
+            raise DeltaError(f"the LoRA in {folder} holds no {prefix}* tensors; was it trained for another model family?")
+        try:
+            result = set_peft_model_state_dict(self.denoiser, denoiser_state, adapter_name=ADAPTER)
         except RuntimeError as error:  # shapes of another architecture or rank
             raise DeltaError(f"the LoRA in {folder} does not fit this UNet ({str(error).splitlines()[-1].strip()}); "
                              "was it trained for another model or with another rank?") from None

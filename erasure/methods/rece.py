@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from erasure.methods.uce import UCE, UCEConfig, edit_weight, uce_transform
+from erasure.methods.uce import SHARED, UCE, UCEConfig, edit_weight, uce_transform
 
 REEDITS = ("current", "original")
 
@@ -89,6 +89,9 @@ class RECE(UCE):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.key_spaces() != [SHARED]:
+            raise ValueError("rece needs one shared key space (SD-1.x/2.x, SDXL); FLUX's per-block text-stream "
+                             "keys have no single adversarial embedding: use method=uce")
         self.round_metrics: dict[str, float] = {}  # per round, the adversarial embedding's residuals
 
     @classmethod
@@ -109,7 +112,7 @@ class RECE(UCE):
         seconds = super().edit()
         started = time.perf_counter()
         config = self.config
-        concept, guide, preserve = self.edit_keys()
+        concept, guide, preserve = self.edit_keys()[SHARED]
         erase_keys, guide_keys = [concept], [guide]
         self.round_metrics = {}
         for epoch in range(config.epochs):

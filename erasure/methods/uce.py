@@ -28,6 +28,18 @@ erase keys' tokens, no "", and scale 1.
 TIME is the same solve with token-aligned keys: source prompts as erase keys, destination
 prompts as guides, lambda = 0.1, token_mode ``all`` (``recipes/time.yaml``).
 
+SDXL: the keys are the cross-attention context as the UNet sees it, both text encoders' hidden
+states concatenated (2048-d), the empty prompt's zero when the pipeline zeroes it.
+
+FLUX has no cross-attention: text and image tokens meet in one joint attention, and the edit
+changes the text stream's key and value projections ``attn.add_k_proj``/``add_v_proj`` of every
+double-stream block (as the UCE authors' FLUX edit). Their input is not the text encoder's output
+but the text stream entering that block (T5 states after ``context_embedder``, the earlier blocks and
+the block's timestep-modulated norm), so the keys are recorded per block by forward hooks while the
+frozen transformer predicts on seeded noise at ``key_timesteps`` timesteps evenly over the sampling
+schedule (rows of all of them, so the edit holds along the trajectory), and T is solved per block.
+The projections' biases cancel in every term (W c + b against W_old g + b), so only W changes.
+
 This is a LightningModule with manual optimization: its single training step is the edit.
 """
 
@@ -40,7 +52,10 @@ from dataclasses import dataclass, field
 import torch
 
 from erasure import layers
+from erasure.families import Flux, StableDiffusion
 from erasure.methods.base import EraserModule, MethodConfig
+
+SHARED = ""  # the key space of SD and SDXL: every edited projection reads the same context
 
 TOKEN_MODES = ("last", "last+eot", "all")
 EDITS = {"kv": layers.CROSS_ATTENTION_KV, "v": layers.CROSS_ATTENTION_V}
@@ -59,6 +74,7 @@ class UCEConfig(MethodConfig):
     preserve_token_mode: str | None = None  # null: token_mode; "all": every position (paper code)
     preserve_empty: bool = False  # also preserve "" (paper code)
     prompt_template: str = "{concept}"
+    key_timesteps: int = 4  # FLUX: timesteps at which each block's text-stream keys are recorded
 
 
 def uce_transform(erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor, lam: float,
@@ -95,50 +111,89 @@ class UCE(EraserModule):
             raise ValueError(f"method.guide has {len(config.guide)} entries for {len(concepts)} concepts; "
                              "give one guide for all or one per erased concept")
 
-    def trained_layers(self) -> layers.Selector:
+    def trained_layers(self) -> layers.Region:
         return EDITS[self.config.edit]
 
     def configure_optimizers(self):
         return None
 
     @torch.no_grad()
-    def keys(self, prompts: Sequence[str], token_mode: str | None = None) -> list[torch.Tensor]:
-        """Per prompt, the text embeddings (n_tokens, d) at the positions ``token_mode`` (default the
-        config's) selects.
+    def keys(self, prompts: Sequence[str], token_mode: str | None = None) -> dict[str, list[torch.Tensor]]:
+        """Per key space (:data:`SHARED` for SD and SDXL; each double-stream block's ``attn`` for FLUX),
+        per prompt, the keys (n_tokens, d) at the positions ``token_mode`` (default the config's) selects
+        (FLUX: (timesteps, n_tokens, d)).
 
-        The text encoder is causal, so the embedding at position i depends on tokens 0..i only:
+        SD's text encoder is causal, so the embedding at position i depends on tokens 0..i only:
         for ``last`` the prompts are encoded in one batch, only up to the longest last-word
         position (a few tokens instead of the full context); the other modes read the whole context.
         """
-        tokenizer = self.pipeline.tokenizer
+        tokenizer = self.pipeline.tokenizer_2 if isinstance(self.family, Flux) else self.pipeline.tokenizer
         ids = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length).input_ids
-        last_words = [max(len(i) - 2, 0) for i in ids]  # [BOS, words..., EOS]: the last word is at length - 2
+        # [BOS, words..., EOS] (CLIP) or [words..., EOS] (T5): the last word is at length - 2 (or 0)
+        last_words = [max(len(i) - 2, 0) for i in ids]
         token_mode = token_mode or self.config.token_mode
-        if token_mode == "last":
+        if not prompts:
+            return {space: [] for space in self.key_spaces()}
+        if token_mode == "last" and isinstance(self.family, StableDiffusion):
             width = max(last_words) + 1
             batch = torch.tensor([(i + [tokenizer.pad_token_id] * width)[:width] for i in ids], device=self.device)
             embeds = self.text_encoder(batch).last_hidden_state
-            return [embed[last:last + 1] for embed, last in zip(embeds, last_words)]
-        embeds = self.encode(prompts)
-        start = 0 if token_mode == "all" else None
-        return [embed[last if start is None else start:] for embed, last in zip(embeds, last_words)]
+            return {SHARED: [embed[last:last + 1] for embed, last in zip(embeds, last_words)]}
+        contexts = self.flux_keys(prompts) if isinstance(self.family, Flux) else {SHARED: self.encode(prompts).embeds}
+        select = {"last": lambda last: slice(last, last + 1), "last+eot": lambda last: slice(last, None),
+                  "all": lambda last: slice(0, None)}[token_mode]
+        return {space: [embed[..., select(last), :] for embed, last in zip(context, last_words)]
+                for space, context in contexts.items()}
 
-    def edit_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(erase keys, aligned guide keys, preserve keys) as stacked rows."""
+    def key_spaces(self) -> list[str]:
+        """:data:`SHARED`, or for FLUX the ``attn`` module of every block whose projections are edited."""
+        if not isinstance(self.family, Flux):
+            return [SHARED]
+        return list(dict.fromkeys(name.rsplit(".", 2)[0] for name in self.trained))
+
+    def flux_keys(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per edited block, the text stream entering its add_k_proj/add_v_proj: (prompts, timesteps,
+        tokens, width), recorded while the frozen transformer predicts on seeded noise at the config's
+        ``key_timesteps`` timesteps, evenly over the sampling schedule."""
+        spaces = self.key_spaces()
+        recorded: dict[str, list[torch.Tensor]] = {space: [] for space in spaces}
+        modules = dict(self.denoiser.named_modules())
+        handles = [modules[f"{space}.add_k_proj"].register_forward_hook(
+            lambda _module, args, _output, space=space: recorded[space].append(args[0])) for space in spaces]
+        condition = self.encode(prompts)
+        schedule = self.family.sampling_scheduler(self.config.key_timesteps).timesteps
+        generator = torch.Generator().manual_seed(self.seed)
+        shape = (len(prompts), self.family.latent_channels, self.latent_size, self.latent_size)
+        noise = torch.randn(shape, generator=generator).to(self.device, condition.embeds.dtype)
+        try:
+            for t in schedule:
+                self.predict(noise, t.to(self.device), condition)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {space: torch.stack(inputs, dim=1) for space, inputs in recorded.items()}
+
+    def edit_keys(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per key space, (erase keys, aligned guide keys, preserve keys) as stacked rows."""
         config = self.config
         prompts = [config.prompt_template.format(concept=c) for c in self.concepts]
         guides = config.guide if len(config.guide) == len(prompts) else config.guide * len(prompts)
-        erase, guide = [], []
-        for concept_keys, guide_keys in zip(self.keys(prompts), self.keys(guides)):
-            count = min(len(concept_keys), len(guide_keys))  # align from the first selected token
-            erase.append(concept_keys[:count])
-            guide.append(guide_keys[:count])
         kept = [config.prompt_template.format(concept=c) for c in config.preserve if c not in self.concepts]
         kept += [""] if config.preserve_empty else []
-        width = self.text_encoder.config.hidden_size
-        preserve = (torch.cat(self.keys(kept, config.preserve_token_mode)) if kept
-                    else torch.zeros(0, width, device=self.device))
-        return torch.cat(erase), torch.cat(guide), preserve
+        concept_keys, guide_keys = self.keys(prompts), self.keys(guides)
+        preserve_keys = self.keys(kept, config.preserve_token_mode)
+        solved = {}
+        for space in concept_keys:
+            erase, guide = [], []
+            for concept, target in zip(concept_keys[space], guide_keys[space]):
+                count = min(concept.shape[-2], target.shape[-2])  # align from the first selected token
+                erase.append(concept[..., :count, :].flatten(0, -2))
+                guide.append(target[..., :count, :].flatten(0, -2))
+            width = erase[0].shape[-1]
+            preserve = (torch.cat([k.flatten(0, -2) for k in preserve_keys[space]]) if kept
+                        else torch.zeros(0, width, device=self.device))
+            solved[space] = torch.cat(erase), torch.cat(guide), preserve
+        return solved
 
     def preserve_scale(self) -> float:
         """s_p: the configured scale, or max(0.1, 1/N) for N preserved concepts (paper code) when null."""
@@ -149,18 +204,22 @@ class UCE(EraserModule):
 
     @torch.no_grad()
     def edit(self) -> dict[str, float]:
-        """Encode the keys, solve for T once (float64), write W_old T into every edited projection.
+        """Encode the keys, solve for T once per key space (float64), write W_old T into every edited
+        projection's weight.
 
         Returns the seconds of each phase: encoding, solve, write.
         """
         started = time.perf_counter()
-        erase, guide, preserve = self.edit_keys()
+        keys = self.edit_keys()
         encoded = time.perf_counter()
-        transform = uce_transform(erase, guide, preserve, self.config.lam, self.config.erase_scale,
-                                  self.preserve_scale())
+        transforms = {space: uce_transform(erase, guide, preserve, self.config.lam, self.config.erase_scale,
+                                           self.preserve_scale())
+                      for space, (erase, guide, preserve) in keys.items()}
         solved = time.perf_counter()
         for name, weight in self.trained.items():
-            weight.copy_(edit_weight(self.original[name], transform))
+            if name.endswith(".weight"):  # biases cancel (module docstring)
+                space = SHARED if SHARED in transforms else name.rsplit(".", 2)[0]
+                weight.copy_(edit_weight(self.original[name], transforms[space]))
         written = time.perf_counter()
         return {"encoding": encoded - started, "solve": solved - encoded, "write": written - solved}
 

@@ -1,6 +1,7 @@
 """Measure the shipped toy-world model and classifier.
 
     python -m erasure.toyworld.quality [--model checkpoints/toyworld/sd] [--seeds 4]
+    python -m erasure.toyworld.quality --model toyworld-flux     # the FLUX-format model (a shipped name or a folder)
 
 * generation: every prompt "a {style} {color} {shape}" (144) with ``--seeds`` seeds; the
   classifier's accuracy on each attribute;
@@ -16,7 +17,8 @@
 * speed: seconds to generate 64 images.
 
 Writes ``<model>/../quality.json``, a grid of generations ``docs/toyworld_base.png`` and one of the
-understanding prompts ``docs/toyworld_understanding.png`` (a row per held-out pair and direction:
+understanding prompts ``docs/toyworld_understanding.png`` (for a model folder other than ``sd``, e.g.
+``flux``: ``quality_flux.json``, ``docs/toyworld_flux_base.png``, ``docs/toyworld_flux_understanding.png``) (a row per held-out pair and direction:
 the prompt without the absence clause, then each absence template).
 """
 
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from erasure.bundle import TOYWORLD_CLASSIFIER, TOYWORLD_MODEL, load_pipeline
+from erasure.bundle import SHIPPED_MODELS, TOYWORLD_CLASSIFIER, TOYWORLD_MODEL, load_pipeline, resolve_path
 from erasure.generation import Sampler, generate, to_unit_range
 from erasure.io import atomic_write_text
 from erasure.toyworld.captions import HELD_OUT_PAIRS, with_article
@@ -182,18 +184,23 @@ def measure(model: Path, classifier_path: Path, seeds: int, sampler: Sampler, gr
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m erasure.toyworld.quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=TOYWORLD_MODEL)
+    parser.add_argument("--model", default=str(TOYWORLD_MODEL), help="a model folder or a shipped name: "
+                        + ", ".join(SHIPPED_MODELS))
     parser.add_argument("--classifier", type=Path, default=TOYWORLD_CLASSIFIER)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=Sampler.steps)
     parser.add_argument("--guidance", type=float, default=Sampler.guidance)
-    parser.add_argument("--grid", type=Path, default=Path("docs/toyworld_base.png"))
-    parser.add_argument("--understanding-grid", type=Path, default=Path("docs/toyworld_understanding.png"))
-    parser.add_argument("--output", type=Path, default=None, help="default: <model>/../quality.json")
+    parser.add_argument("--grid", type=Path, default=None, help="default: docs/toyworld[_<model>]_base.png")
+    parser.add_argument("--understanding-grid", type=Path, default=None,
+                        help="default: docs/toyworld[_<model>]_understanding.png")
+    parser.add_argument("--output", type=Path, default=None, help="default: <model>/../quality[_<model>].json")
     args = parser.parse_args(argv)
-    report = measure(args.model, args.classifier, args.seeds, Sampler(args.steps, args.guidance), args.grid,
-                     args.understanding_grid)
-    output = args.output or args.model.parent / "quality.json"
+    model = resolve_path(SHIPPED_MODELS.get(args.model, args.model))
+    suffix = "" if model.name == "sd" else f"_{model.name}"  # the SD model keeps its historical names
+    report = measure(model, args.classifier, args.seeds, Sampler(args.steps, args.guidance),
+                     args.grid or Path(f"docs/toyworld{suffix}_base.png"),
+                     args.understanding_grid or Path(f"docs/toyworld{suffix}_understanding.png"))
+    output = args.output or model.parent / f"quality{suffix}.json"
     atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

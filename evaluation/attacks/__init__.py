@@ -67,11 +67,18 @@ def budget(name: str, config: AttackConfig) -> dict:
 
 
 def measure_attack(name: str, target: Target, config: AttackConfig) -> AttackResult:
-    """Run the attack ``name`` on ``target``. The result's fields start with the success rate and
-    its interval, then ``example_prompt``, ``loss_first_last`` and the attack's own fields."""
+    """Run the attack ``name`` on ``target``, the model in eval mode (FLUX's T5 has dropout: an attack
+    reads the model as it samples; SD's and SDXL's models have none). The result's fields start with
+    the success rate and its interval, then ``example_prompt``, ``loss_first_last`` and the attack's
+    own fields."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack '{name}'; choose from {', '.join(ATTACKS)}")
-    result = ATTACKS[name](target, config)
+    was_training = target.module.training
+    target.module.eval()
+    try:
+        result = ATTACKS[name](target, config)
+    finally:
+        target.module.train(was_training)
     head = {k: result.fields.pop(k) for k in ("attack_success_rate", "attack_success_rate_ci95")}
     result.fields = {**head, "example_prompt": result.prompts[0], "loss_first_last": first_last(result.losses),
                      **result.fields}

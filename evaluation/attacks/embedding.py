@@ -15,7 +15,7 @@ The attack solves, with the erased model's weights frozen,
     subject to ||e_{p,i}|| = ||E_{p,i}||  for every free position i   (``attack.embedding_keep_norm``, default)
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  e_p initialised to E_p[F_p],
 
-(eps replaced by the velocity for v-prediction models: :meth:`EraserModule.denoising_loss`), where
+(eps replaced by v for v-prediction models, by eps - x_0 for FLUX: :meth:`EraserModule.denoising_loss`), where
 D_p are the original model's images of p (the attacker's data: ``attack.images`` images in all,
 the attacked prompts in turn, at least one each). Every optimisation step is one Adam step
 (``attack.embedding_lr``) for every prompt, each on ``attack.batch_size`` draws of its own images,
@@ -42,20 +42,31 @@ soft prompts, discrete search) can recover: a method that survives it has moved 
 the UNet's reach from the text side; one that fails it still draws the concept for *some*
 conditioning. The prompt's other positions keep their values (the text encoder is causal: the
 positions after the concept's word still carry it; ``all`` frees them too).
+
+Families: E_p is the token context the denoiser reads (``Conditioning.embeds``): SDXL's two CLIPs'
+hidden states concatenated (the first CLIP tokenizer's positions; the second tokenises alike),
+FLUX's T5 states (T5 tokenizer positions: no BOS, ``</s>`` ends the words, the padding after it is
+attended to as well). The pooled vectors (SDXL's ``text_embeds``, FLUX's ``pooled_projections``)
+stay as the prompt encodes them: the attack frees the context only. FLUX's T5 is not causal, so
+there every position carries the concept's word.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
+from erasure.families import Conditioning, StableDiffusion
 from erasure.methods.base import EraserModule
 from evaluation.attacks.base import (
     AttackConfig, AttackResult, Recovery, Target, attacker_rows, original_images, record_loss,
 )
+from evaluation.attacks.tokens import context_tokenizer
 
 MAX_UNET_BATCH = 32  # samples per UNet call of one step (a step's gradients are accumulated over calls)
 
@@ -72,36 +83,48 @@ def sublist_positions(sequence: Sequence[int], pattern: Sequence[int]) -> list[i
     return sorted(found)
 
 
-def free_positions(tokenizer, prompt: str, word: str, mode: str) -> tuple[list[int], list[int]]:
-    """(token ids of the prompt as the pipeline encodes it, its free positions under ``mode``)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+def free_positions(tokenizer, prompt: str, word: str, mode: str,
+                   length: int | None = None) -> tuple[list[int], list[int]]:
+    """(token ids of the prompt as the pipeline encodes it, padded to ``length`` (default the
+    tokenizer's ``model_max_length``), its free positions under ``mode``). The end is the first
+    end-of-text token after the BOS (CLIP: [BOS, words, EOS, padding]; T5 has no BOS: [words, </s>,
+    padding])."""
+    ids = tokenizer(prompt, padding="max_length", max_length=length or tokenizer.model_max_length,
+                    truncation=True).input_ids
     if mode == "all":
         return ids, list(range(len(ids)))
     word_ids = tokenizer(word, add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id
-    end = next((i for i in range(1, len(ids)) if ids[i] == eos), len(ids) - 1)
+    first = int(tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)
+    end = next((i for i in range(first, len(ids)) if ids[i] == eos), len(ids) - 1)
     concept = [i for i in sublist_positions(ids, word_ids) if i < end]
     return ids, sorted(set(concept) | set(range(end, len(ids))))
 
 
 class FreeEmbeddings:
-    """The attacked prompts' text-encoder outputs, with their free positions as trainable tensors."""
+    """The attacked prompts' conditionings, with the free positions of their token contexts (what the
+    denoiser attends to) as trainable tensors; pooled vectors (SDXL, FLUX) stay as encoded."""
 
     def __init__(self, module: EraserModule, prompts: Sequence[str], words: Sequence[str], mode: str):
         self.module = module
         self.prompts = list(dict.fromkeys(prompts))
         word_of = dict(zip(prompts, words))
-        tokenizer = module.pipeline.tokenizer
+        tokenizer = context_tokenizer(module)
         with torch.no_grad():
-            self.base = module.encode(self.prompts, cache=False).detach()
+            self.condition = module.encode(self.prompts, cache=False).detach()
         self.ids, self.positions, self.free = [], [], []
         for k, prompt in enumerate(self.prompts):
-            ids, positions = free_positions(tokenizer, prompt, word_of[prompt], mode)
-            index = torch.tensor(positions, dtype=torch.long, device=self.base.device)
+            ids, positions = free_positions(tokenizer, prompt, word_of[prompt], mode, self.context_length)
+            index = torch.tensor(positions, dtype=torch.long, device=self.condition.embeds.device)
             self.ids.append(tuple(ids))
             self.positions.append(index)
-            self.free.append(torch.nn.Parameter(self.base[k, index].clone()))
+            self.free.append(torch.nn.Parameter(self.condition.embeds[k, index].clone()))
         self.norms = [f.detach().norm(dim=-1, keepdim=True) for f in self.free]
+
+    @property
+    def context_length(self) -> int:
+        """Positions of a prompt's token context."""
+        return self.condition.embeds.shape[1]
 
     @torch.no_grad()
     def keep_norms(self) -> None:
@@ -109,14 +132,27 @@ class FreeEmbeddings:
         for free, norm in zip(self.free, self.norms):
             free.mul_(norm / free.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
-    def embeds(self, owners: Sequence[int]) -> torch.Tensor:
-        """(len(owners), L, d): prompt ``owners[i]``'s encoding with its free positions substituted."""
-        return torch.stack([self.base[k].index_put((self.positions[k],), self.free[k]) for k in owners])
+    def context(self, k: int) -> torch.Tensor:
+        """(L, d): prompt ``k``'s token context with its free positions substituted."""
+        return self.condition.embeds[k].index_put((self.positions[k],), self.free[k])
+
+    def embeds(self, owners: Sequence[int]) -> Conditioning:
+        """The conditionings of prompts ``owners``, their contexts substituted (:meth:`context`)."""
+        owners = list(owners)
+        return replace(self.condition[owners], embeds=torch.stack([self.context(k) for k in owners]))
+
+    def substituted(self) -> contextlib.AbstractContextManager:
+        """While open, the pipeline encodes these prompts to their attacked contexts (and every other
+        input as usual): any generation path sees the attack. SD-1.x/2.x: a hook on the text encoder,
+        keyed by the prompt's token ids; SDXL and FLUX: the pipeline's ``encode_prompt``, keyed by the
+        prompt (their context is not one encoder's output)."""
+        if isinstance(self.module.family, StableDiffusion):
+            return self.substituted_encoder_output()
+        return self.substituted_encode_prompt()
 
     @contextlib.contextmanager
-    def substituted(self) -> Iterator[None]:
-        """While open, the text encoder returns the attacked encoding for these prompts' token ids
-        (and its own output for every other input): any generation path sees the attack."""
+    def substituted_encoder_output(self) -> Iterator[None]:
+        """The text encoder returns the attacked context for these prompts' token ids."""
         table = {ids: k for k, ids in enumerate(self.ids)}
 
         def hook(_module, args, kwargs, output):
@@ -128,7 +164,7 @@ class FreeEmbeddings:
             hidden = output[0].clone()
             with torch.no_grad():
                 for r, k in rows:
-                    hidden[r] = self.embeds([k])[0].to(hidden)
+                    hidden[r] = self.context(k).to(hidden)
             if isinstance(output, tuple):  # return_dict=False
                 return (hidden, *output[1:])
             output["last_hidden_state"] = hidden
@@ -139,6 +175,38 @@ class FreeEmbeddings:
             yield
         finally:
             handle.remove()
+
+    @contextlib.contextmanager
+    def substituted_encode_prompt(self) -> Iterator[None]:
+        """The pipeline instance's ``encode_prompt`` returns the attacked context as the rows of these
+        prompts in its first output (the prompts' token context; SDXL's and FLUX's tuples both start
+        with it), the rest (pooled vectors, negative prompts' encodings) as encoded."""
+        pipeline = self.module.pipeline
+        encode_prompt = pipeline.encode_prompt
+        signature = inspect.signature(encode_prompt)
+        table = {prompt: k for k, prompt in enumerate(self.prompts)}
+
+        def substituted(*args, **kwargs):
+            output = encode_prompt(*args, **kwargs)
+            arguments = signature.bind(*args, **kwargs)
+            arguments.apply_defaults()
+            prompts = arguments.arguments["prompt"]
+            prompts = [prompts] if isinstance(prompts, str) else prompts or []
+            copies = arguments.arguments["num_images_per_prompt"]
+            rows = [(r, table[prompt]) for r, prompt in enumerate(prompts) if prompt in table]
+            if not rows:
+                return output
+            context = output[0].clone()
+            with torch.no_grad():
+                for r, k in rows:
+                    context[r * copies:(r + 1) * copies] = self.context(k).to(context)
+            return (context, *output[1:])
+
+        pipeline.encode_prompt = substituted
+        try:
+            yield
+        finally:
+            del pipeline.encode_prompt
 
 
 def optimise(module: EraserModule, free: FreeEmbeddings, latents: torch.Tensor, owners: Sequence[int],
@@ -201,6 +269,6 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
     fields = {**recovery.fields(), "checkpoint_steps": list(by_step),
               "attack_success_rate_by_step": [round(float(seen.float().mean()), 4) for seen in by_step.values()],
               "free_positions": f"{config.embedding_positions}: {min(counts)}-{max(counts)} of "
-                                f"{free.base.shape[1]} positions per prompt",
+                                f"{free.context_length} positions per prompt",
               "attacker_images": len(data_rows)}
     return AttackResult(recovery.images, recovery.prompts, losses, fields)

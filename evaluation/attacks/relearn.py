@@ -6,9 +6,9 @@ Reversibility" (Liu & Zhang, 2025); benign fine-tuning brings concepts back too 
 Unlearning", Suriyakumar et al., 2024). Tensors: the erased model's trained tensors, those the
 method changed (``EraserModule.trained``: ESD's parameter set, the closed-form edits' projections,
 a LoRA eraser's adapter); a method that changes no tensor (the instruction baseline, inference-time
-guidance) gets the cross-attention keys and values (``attn2.to_k``/``to_v``), the tensors that
-map the text into the UNet. Objective, K Adam steps (``attack.relearn_lr``, batch
-``attack.batch_size``) of
+guidance) gets the cross-attention keys and values (``attn2.to_k``/``to_v``; FLUX: the text
+stream's ``attn.add_k_proj``/``add_v_proj``), the tensors that map the text into the denoiser.
+Objective, K Adam steps (``attack.relearn_lr``, batch ``attack.batch_size``) of
 
     min_theta  E_{(p, x_0) ~ D, eps, t}  || eps_theta(x_t, t, tau(p)) - eps ||^2
 
@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from erasure.families import Flux
 from erasure.layers import CROSS_ATTENTION_KV, matching_modules
 from erasure.methods.base import EraserModule
 from evaluation.attacks.base import (
@@ -56,9 +57,10 @@ def relearned_parameters(module: EraserModule) -> tuple[dict[str, torch.nn.Param
     """The tensors relearning fine-tunes and in words which they are."""
     if module.trained:
         return dict(module.trained), "the method's trained tensors"
-    chosen = {f"{name}.{key}": p for name, layer in matching_modules(module.unet, CROSS_ATTENTION_KV)
+    chosen = {f"{name}.{key}": p for name, layer in matching_modules(module.denoiser, CROSS_ATTENTION_KV)
               for key, p in layer.named_parameters(recurse=False)}
-    return chosen, "attn2.to_k/to_v (the method changes no tensor)"
+    layers = "attn.add_k_proj/add_v_proj" if isinstance(module.family, Flux) else "attn2.to_k/to_v"
+    return chosen, f"{layers} (the method changes no tensor)"
 
 
 def fine_tune(module: EraserModule, parameters: Sequence[torch.nn.Parameter], latents: torch.Tensor,

@@ -5,7 +5,7 @@ images of the concept made by the *original* model, with the denoising loss of t
 
     min_v  E_{x_0, eps, t} || eps_erased(x_t, tau(prompt(v)), t) - eps ||^2
 
-(eps replaced by the velocity for v-prediction models):
+(eps replaced by v for v-prediction models, by the velocity eps - x_0 for FLUX):
 
     inversion    concept inversion ("Circumventing Concept Erasure Methods for Text-to-Image
                  Generative Models", Pham et al., ICLR 2024): one new token replaces the concept's
@@ -16,55 +16,98 @@ images of the concept made by the *original* model, with the denoising loss of t
                  is ``unlearndiffatk``).
 
 The attacked images are the target prompts with the learned tokens, the evaluation's seeds.
+
+Every text encoder learns the tokens (:class:`PlaceholderTokens`): SDXL's two CLIPs, whose hidden
+states make the context, the second's also the pooled vector; FLUX's CLIP (the pooled vector) and
+T5 (the token context); each table's new rows start as the init word's in its own tokenizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from erasure.families import Flux
+from erasure.methods.base import EraserModule
 from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images, record_loss
 from evaluation.suites import Prompt
 
 
+def text_encoders(pipeline) -> list[tuple]:
+    """The pipeline's (tokenizer, text encoder) pairs: SD-1.x/2.x one, SDXL its two CLIPs, FLUX its
+    CLIP (the pooled vector) and T5 (the token context)."""
+    return [(getattr(pipeline, tokenizer), getattr(pipeline, encoder))
+            for tokenizer, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+            if getattr(pipeline, encoder, None) is not None]
+
+
+def context_tokenizer(module: EraserModule):
+    """The tokenizer whose ids make the token context the denoiser reads: FLUX's T5 ``tokenizer_2``,
+    otherwise ``tokenizer`` (SDXL's second CLIP tokenizer has the same vocabulary and ids)."""
+    return module.pipeline.tokenizer_2 if isinstance(module.family, Flux) else module.pipeline.tokenizer
+
+
+@dataclass
+class TokenRows:
+    """The new tokens in one tokenizer: their ids and the token table of its text encoder."""
+
+    tokenizer: object
+    table: torch.nn.Parameter
+    ids: list[int]
+
+
 class PlaceholderTokens:
-    """``count`` new tokens in the pipeline's tokenizer and text encoder; only their embeddings train."""
+    """``count`` new tokens in every tokenizer of the pipeline (:func:`text_encoders`), each with a
+    row in its text encoder's token table initialised as ``init_word``'s embedding in that tokenizer
+    (the mean of its tokens' rows); only these rows train (a gradient mask on each table)."""
 
     def __init__(self, pipeline, name: str, count: int, init_word: str):
-        tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
         self.words = [f"<{name}-{k}>" for k in range(count)]
-        if tokenizer.add_tokens(self.words) != count:
-            raise ValueError(f"the tokenizer already holds {self.words[0]}; attack a freshly loaded run")
-        encoder.resize_token_embeddings(len(tokenizer))
-        self.ids = tokenizer.convert_tokens_to_ids(self.words)
-        init = tokenizer(init_word, add_special_tokens=False).input_ids
-        table = encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            table[self.ids] = table[init].mean(0)
-        self.table = table
-        mask = torch.zeros(len(table), 1, device=table.device)
-        mask[self.ids] = 1
-        table.requires_grad_(True)
-        self.hook = table.register_hook(lambda grad: grad * mask)
+        self.rows: list[TokenRows] = []
+        self.hooks = []
+        for tokenizer, encoder in text_encoders(pipeline):
+            if tokenizer.add_tokens(self.words) != count:
+                raise ValueError(f"the tokenizer already holds {self.words[0]}; attack a freshly loaded run")
+            # never shrink: T5's table has spare rows beyond its tokenizer's ids
+            encoder.resize_token_embeddings(max(len(tokenizer), encoder.get_input_embeddings().num_embeddings))
+            ids = tokenizer.convert_tokens_to_ids(self.words)
+            init = tokenizer(init_word, add_special_tokens=False).input_ids
+            table = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                table[ids] = table[init].mean(0)
+            mask = torch.zeros(len(table), 1, device=table.device)
+            mask[ids] = 1
+            table.requires_grad_(True)
+            self.hooks.append(table.register_hook(lambda grad, mask=mask: grad * mask))
+            self.rows.append(TokenRows(tokenizer, table, ids))
+
+    @property
+    def tables(self) -> list[torch.nn.Parameter]:
+        return [rows.table for rows in self.rows]
 
     @property
     def text(self) -> str:
         return " ".join(self.words)
 
     def close(self) -> None:
-        self.hook.remove()
-        self.table.requires_grad_(False)
+        """Stop training the tables (the new tokens stay in the tokenizers with their learned rows)."""
+        for hook, table in zip(self.hooks, self.tables):
+            hook.remove()
+            table.requires_grad_(False)
 
 
 def word_vocabulary(tokenizer) -> torch.Tensor:
-    """The ids of the tokenizer's whole-word tokens (BPE tokens that end a word), without special
-    tokens: a sequence of them is text that tokenises back to the same ids, so a discrete search
-    over them finds a prompt a user can type (sub-word pieces and byte tokens need not round-trip)."""
+    """The ids of the tokenizer's whole-word tokens, without special tokens: CLIP's BPE tokens that
+    end a word (``</w>``), T5's SentencePiece pieces that start one (``▁``). A sequence of them is
+    text that tokenises back to the same ids, so a discrete search over them finds a prompt a user
+    can type (sub-word pieces and byte tokens need not round-trip)."""
     special = set(tokenizer.all_special_ids)
     names = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
-    return torch.tensor([i for i, name in enumerate(names) if i not in special and name.endswith("</w>")
+    return torch.tensor([i for i, name in enumerate(names) if i not in special
+                         and (name.endswith("</w>") or (name.startswith("▁") and len(name) > 1))
                          and tokenizer(tokenizer.decode([i]), add_special_tokens=False).input_ids == [i]])
 
 
@@ -87,7 +130,7 @@ def learn_tokens(attack: str, target: Target, config: AttackConfig) -> AttackRes
     count = config.inversion_tokens if attack == "inversion" else config.soft_prompt_tokens
     tokens = PlaceholderTokens(module.pipeline, attack, count, config.init_word)
     train_prompts = attacked_prompts(attack, data_rows, tokens, target.concept_word)
-    optimizer = torch.optim.Adam([tokens.table], lr=config.lr)
+    optimizer = torch.optim.Adam(tokens.tables, lr=config.lr)
     losses = []
     try:
         for _ in tqdm(range(config.steps), desc=attack, unit="step"):

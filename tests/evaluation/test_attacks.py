@@ -30,16 +30,18 @@ def test_only_the_placeholder_rows_train():
     before = table.detach().clone()
     tokens = PlaceholderTokens(pipeline, "test", 2, "object")
     table = pipeline.text_encoder.get_input_embeddings().weight
+    ids = tokens.rows[0].ids
+    assert len(tokens.rows) == 1 and tokens.tables == [table]
     assert len(pipeline.tokenizer(tokens.text, add_special_tokens=False).input_ids) == 2
-    assert torch.equal(table[tokens.ids[0]], table[pipeline.tokenizer("object", add_special_tokens=False).input_ids[0]])
-    new_row = table[tokens.ids[0]].detach().clone()
-    optimizer = torch.optim.Adam([tokens.table], lr=0.1)
+    assert torch.equal(table[ids[0]], table[pipeline.tokenizer("object", add_special_tokens=False).input_ids[0]])
+    new_row = table[ids[0]].detach().clone()
+    optimizer = torch.optim.Adam(tokens.tables, lr=0.1)
     ids = pipeline.tokenizer(f"a red {tokens.text}", return_tensors="pt").input_ids
     pipeline.text_encoder(ids)[0].square().mean().backward()
     optimizer.step()
     tokens.close()
     assert torch.equal(table.detach()[: len(before)], before)  # the vocabulary is untouched
-    assert not torch.equal(table[tokens.ids[0]].detach(), new_row)  # the new token moved
+    assert not torch.equal(table[ids[0]].detach(), new_row)  # the new token moved
     assert not table.requires_grad
 
 
@@ -208,7 +210,7 @@ def test_word_vocabulary_round_trips_and_projection_finds_the_nearest_word(toy_p
     table = toy_pipeline.text_encoder.get_input_embeddings().weight.detach()
     chosen = words[[3, 50, 7]]
     noisy = 3 * table[chosen] + 1e-3 * torch.randn(3, table.shape[1], generator=generator)
-    assert torch.equal(project(noisy, table, words), chosen)
+    assert torch.equal(words[project([noisy], [table], words)], chosen)
 
 
 def test_unlearndiffatk_objective_decreases(toy_classifier):
@@ -257,7 +259,7 @@ def test_ring_a_bell_search_never_loses_ground_and_finds_a_known_prompt(toy_pipe
     hidden = words[[5, 60, 120]][None]
     with torch.no_grad():
         goal = encode_ids(module, hidden)
-        assert torch.allclose(goal[0], module.encode([tokenizer.decode(hidden[0])])[0], atol=1e-5)
+        assert torch.allclose(goal[0], module.encode([tokenizer.decode(hidden[0])]).embeds[0], atol=1e-5)
         config = AttackConfig(ring_a_bell_tokens=3, ring_a_bell_population=48, ring_a_bell_generations=40)
         best, curve = search(module, goal, words, config, torch.Generator().manual_seed(0))
     assert all(b <= a for a, b in zip(curve, curve[1:])) and curve[-1] < 0.5 * curve[0]

@@ -46,12 +46,12 @@ def test_model_based_step_moves_only_cross_attention_keys_and_values(tmp_path):
     cached = Anchors.load_or_generate(module, module.config, tmp_path / "anchors.safetensors")
     assert torch.equal(cached.latents, anchors.latents)  # generated once, then read back
 
-    before = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
+    before = {n: p.detach().clone() for n, p in module.denoiser.named_parameters()}
     optimizer = module.configure_optimizers()
     loss = ablation_loss(module, module.config, anchors)
     loss.backward()
     optimizer.step()
-    changed = {n for n, p in module.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
+    changed = {n for n, p in module.denoiser.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert torch.isfinite(loss) and changed and changed <= set(module.trained)
     assert all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in changed)
 
@@ -124,7 +124,7 @@ def ablation(**options) -> Ablation:
 def test_detaching_the_start_token_removes_exactly_its_key_and_value_gradient():
     module = ablation()
     x_t, t, embeds = torch.randn(2, 4, 16, 16), torch.tensor([300, 600]), module.encode(["a red circle", "a square"])
-    projections = {n: m for n, m in module.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
+    projections = {n: m for n, m in module.denoiser.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
     seen = {}
 
     def record(name):
@@ -140,7 +140,7 @@ def test_detaching_the_start_token_removes_exactly_its_key_and_value_gradient():
         handle.remove()
     full = {n: p.grad.clone() for n, p in module.trained.items()}
     module.zero_grad()
-    with start_token_detached(module.unet):
+    with start_token_detached(module.denoiser):
         detached = module.predict(x_t, t, embeds)
     detached.square().mean().backward()
     assert torch.equal(detached, prediction)  # the forward values are unchanged

@@ -43,10 +43,10 @@ def test_the_adversarial_prompt_inserts_token_embeddings_into_the_prompt():
     table = module.text_encoder.get_input_embeddings().weight
     word = table[module.pipeline.tokenizer("red", add_special_tokens=False).input_ids].detach()
     with torch.no_grad():  # inserting the embedding of "red" gives the encoding of the prompt with the word
-        assert torch.allclose(module.adversarial_encoding("a circle", word, 2), module.encode(["red a circle"] * 2),
+        assert torch.allclose(module.adversarial_encoding("a circle", word, 2), module.encode(["red a circle"] * 2).embeds,
                               atol=1e-6)
         module.config.attack_type = "suffix_k"
-        assert torch.allclose(module.adversarial_encoding("a circle", word, 1), module.encode(["a circle red"]),
+        assert torch.allclose(module.adversarial_encoding("a circle", word, 1), module.encode(["a circle red"]).embeds,
                               atol=1e-6)
 
 
@@ -77,7 +77,7 @@ def test_the_outer_step_changes_only_the_text_encoder_and_the_frozen_model_stays
     module = make(lr=1e-3, warmup_iter=0, attack_step=2, retain_batch=2)
     reference_encoder = CLIPTextModel.from_pretrained(TOYWORLD_MODEL / "text_encoder").eval()
     reference_unet = UNet2DConditionModel.from_pretrained(TOYWORLD_MODEL / "unet").eval()
-    unet_before = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
+    unet_before = {n: p.detach().clone() for n, p in module.denoiser.named_parameters()}
     encoder_before = {n: p.detach().clone() for n, p in module.text_encoder.named_parameters()}
     optimizer = module.configure_optimizers()
     for step in range(2):
@@ -85,7 +85,7 @@ def test_the_outer_step_changes_only_the_text_encoder_and_the_frozen_model_stays
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert all(torch.equal(p, unet_before[n]) for n, p in module.unet.named_parameters())
+    assert all(torch.equal(p, unet_before[n]) for n, p in module.denoiser.named_parameters())
     changed = {f"text_encoder.{n}" for n, p in module.text_encoder.named_parameters()
                if not torch.equal(p.detach(), encoder_before[n])}
     assert changed and changed <= set(module.trained)
@@ -97,11 +97,11 @@ def test_the_outer_step_changes_only_the_text_encoder_and_the_frozen_model_stays
     with torch.no_grad():
         original_embeds = reference_encoder(tokens)[0]
         expected = reference_unet(latents, t, encoder_hidden_states=original_embeds).sample
-        assert torch.allclose(module.encode_frozen(prompts), original_embeds, atol=1e-6)
-        assert not torch.allclose(module.encode(prompts), original_embeds, atol=1e-4)  # the current encoding moved
+        assert torch.allclose(module.encode_frozen(prompts).embeds, original_embeds, atol=1e-6)
+        assert not torch.allclose(module.encode(prompts).embeds, original_embeds, atol=1e-4)  # the current encoding moved
         assert torch.allclose(module.predict_frozen(latents, t, module.encode_frozen(prompts)), expected, atol=1e-5)
     with module.original_weights():
-        assert torch.allclose(module.encode(prompts), original_embeds, atol=1e-6)
+        assert torch.allclose(module.encode(prompts).embeds, original_embeds, atol=1e-6)
 
 
 def test_the_retain_term_is_zero_at_the_original_weights_and_grows_as_the_model_moves():

@@ -51,7 +51,7 @@ def test_frozen_prediction_is_the_original_model_after_training_changed_the_weig
     with torch.no_grad():
         for parameter in module.trained.values():
             parameter.add_(0.1 * torch.randn_like(parameter))
-        expected = reference(latents, t, encoder_hidden_states=embeds).sample
+        expected = reference(latents, t, encoder_hidden_states=embeds.embeds).sample
         assert torch.allclose(module.predict_frozen(latents, t, embeds), expected, atol=1e-5)
         assert not torch.allclose(module.predict(latents, t, embeds), expected, atol=1e-3)
     with module.original_weights():
@@ -63,7 +63,7 @@ def test_no_second_unet_is_held():
     module = make("esd-x")
     unets = [m for m in module.modules() if isinstance(m, UNet2DConditionModel)]
     held = sum(v.numel() for v in module.original.values())
-    assert len(unets) == 1 and held < 0.2 * sum(p.numel() for p in module.unet.parameters())
+    assert len(unets) == 1 and held < 0.2 * sum(p.numel() for p in module.denoiser.parameters())
 
 
 def test_partial_sampling_stops_at_the_requested_step():
@@ -80,13 +80,13 @@ def test_partial_sampling_stops_at_the_requested_step():
 @pytest.mark.parametrize("loss", ["mse", "hellinger", "chi2"])
 def test_a_training_step_moves_only_the_selected_tensors(loss):
     module = make("esd-x-strict", loss=loss, lr=1e-3, batch_size=2, ddim_steps=5)
-    before = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
+    before = {n: p.detach().clone() for n, p in module.denoiser.named_parameters()}
     optimizer = module.configure_optimizers()
     module.log = lambda *args, **kwargs: None  # logging needs a Trainer; this step runs without one
     value = module.training_step(0, 0)
     value.backward()
     optimizer.step()
-    changed = {n for n, p in module.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
+    changed = {n for n, p in module.denoiser.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert torch.isfinite(value) and changed and changed <= set(module.trained)
 
 

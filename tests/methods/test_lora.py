@@ -94,7 +94,7 @@ def test_the_start_token_detach_reaches_the_lora_wrapped_projections():
     gradients, predictions = {}, {}
     for detach in (False, True):
         module.zero_grad()
-        with start_token_detached(module.unet) if detach else contextlib.nullcontext():
+        with start_token_detached(module.denoiser) if detach else contextlib.nullcontext():
             predictions[detach] = module.predict(x_t, t, embeds)
         predictions[detach].square().mean().backward()
         gradients[detach] = torch.cat([p.grad.flatten() for p in module.trained.values()])

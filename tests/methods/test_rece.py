@@ -7,7 +7,7 @@ import torch
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.config import load_config
 from erasure.methods.rece import RECE, RECEConfig, adversarial_keys, regeneration_residual
-from erasure.methods.uce import UCE, UCEConfig
+from erasure.methods.uce import SHARED, UCE, UCEConfig
 from erasure.train import main
 from tests.methods import assert_bad_setting
 from erasure.weights import DELTA_FILE, load_delta
@@ -74,7 +74,7 @@ def test_the_rounds_guide_the_first_adversarial_embedding_away_from_the_concept(
     after RECE's rounds (the defaults: 5), far closer than by UCE's weights."""
     uce_module = UCE(pipeline, UCEConfig(**TOY), ["circle"])
     uce = edited_weights(uce_module)
-    concept, guide, _ = uce_module.edit_keys()
+    concept, guide, _ = uce_module.edit_keys()[SHARED]
     names = list(uce)
     original = [uce_module.original[name] for name in names]
     through_uce = [uce[name] for name in names]  # c'_1 regenerates the concept; the concept key does not

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
-from erasure.methods.uce import UCE, UCEConfig, edit_weight, uce_transform
+from erasure.methods.uce import SHARED, UCE, UCEConfig, edit_weight, uce_transform
 
 
 def stacked_least_squares(w_old, erase, guide, preserve, lam, s_e, s_p):
@@ -46,7 +46,7 @@ def edited():
 
 
 def test_edit_maps_the_concept_key_onto_the_guide_and_keeps_preserved_keys(edited):
-    erase, guide, preserve = edited.edit_keys()
+    erase, guide, preserve = edited.edit_keys()[SHARED]
     for name, weight in edited.trained.items():
         old = edited.original[name]
         before = (old @ erase.T - old @ guide.T).norm()
@@ -65,7 +65,7 @@ def test_token_modes_select_the_last_word_or_more():
     counts = {}
     for mode in ("last", "last+eot", "all"):
         module = UCE(pipeline, UCEConfig(token_mode=mode), ["circle"])
-        counts[mode] = len(module.keys(["a circle"])[0])
+        counts[mode] = len(module.keys(["a circle"])[SHARED][0])
     tokens = pipeline.tokenizer.model_max_length
     assert counts == {"last": 1, "last+eot": tokens - 2, "all": tokens}
 
@@ -74,8 +74,8 @@ def test_last_token_keys_from_the_short_batch_equal_the_full_context_encoding():
     """The encoder is causal: encoding only up to the last word gives the same embeddings."""
     module = UCE(load_pipeline(TOYWORLD_MODEL), UCEConfig(token_mode="last"), ["circle"])
     prompts = ["a circle", "a red striped circle", "heart", "a picture of a dotted purple star"]
-    full = module.encode(prompts)
-    for prompt, key, embed in zip(prompts, module.keys(prompts), full):
+    full = module.encode(prompts).embeds
+    for prompt, key, embed in zip(prompts, module.keys(prompts)[SHARED], full):
         last = len(module.pipeline.tokenizer(prompt).input_ids) - 2
         assert key.shape == (1, embed.shape[-1])
         assert torch.allclose(key[0], embed[last], atol=1e-5), prompt
