@@ -168,7 +168,8 @@ def run_entries(entries: list[Entry], launcher: LaunchConfig, output: Path) -> l
 
 
 def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, grid_prompts: int) -> dict:
-    """Text similarity, attention curves and the image grid; returns what the report shows."""
+    """Text similarity, attention curves (UNet models: their attn2 layers) and the image grid; returns what
+    the report shows."""
     first = runs[0][1]
     config = first.config
     word = get_protocol(config.protocol).concept_word
@@ -188,6 +189,9 @@ def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, g
         for name, values in template_similarities(base, prompts, concept, templates).items():
             rounded = {k: round(v, 4) for k, v in values.items()}
             similarity_rows.append({"concept": concept, "template": name, **rounded})
+        if not hasattr(base, "unet"):
+            print("FLUX attends to text and image in one joint attention: no cross-attention analysis", flush=True)
+            continue
         curves = {"plain prompt": attention_curve(base, prompts, seeds, sampler, concept)}
         for name, template in templates.items():
             if name == NEGATIVE_PROMPT:

@@ -1,7 +1,7 @@
 """The result of a weight edit: a delta holding only the changed tensors.
 
-``unet_delta.safetensors`` maps UNet parameter names (as in ``unet.state_dict()``) to their
-new values; a method that trains the text encoder adds its tensors as ``text_encoder.<name>``
+``unet_delta.safetensors`` maps denoiser parameter names (as in ``unet.state_dict()``, or the FLUX
+``transformer.state_dict()``) to their new values; a method that trains the text encoder adds its tensors as ``text_encoder.<name>``
 (``<name>`` as in ``text_encoder.state_dict()``). Applying it to a freshly loaded base pipeline
 gives the erased model exactly.
 """
@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from erasure.bundle import load_pipeline
+from erasure.families import family_of
 from erasure.io import atomic_directory, atomic_save_tensors
 
 DELTA_FILE = "unet_delta.safetensors"
@@ -65,8 +65,8 @@ def apply_delta(unet: torch.nn.Module, delta: dict[str, torch.Tensor] | Path,
 
 def export_pipeline(base: str | Path, delta_path: Path, output: Path) -> Path:
     """Save a full diffusers pipeline folder: the base model with the delta applied."""
-    pipeline: StableDiffusionPipeline = load_pipeline(base)
-    apply_delta(pipeline.unet, delta_path, pipeline.text_encoder)
+    pipeline = load_pipeline(base)
+    apply_delta(family_of(pipeline).denoiser, delta_path, pipeline.text_encoder)
     with atomic_directory(Path(output)) as folder:
         pipeline.save_pretrained(folder, safe_serialization=True)
         (folder / "erasure.json").write_text(json.dumps({"base": str(base), "delta": str(delta_path)}) + "\n")

@@ -2,6 +2,8 @@
 names; widths shrunk): the conditioning, FLUX's flow-matching process, the methods' samplers against
 the pipelines' own loops, and every method that transfers, one step each, with its result loading back."""
 
+import json
+
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusionXLPipeline
@@ -14,6 +16,7 @@ from erasure.methods.esd import ESD, ESDConfig, esd_loss
 from erasure.methods.instruction import Instruction, InstructionConfig
 from erasure.methods.lora import LoRA, LoRAConfig
 from erasure.methods.uce import SHARED, UCE, UCEConfig
+from erasure.train import main as train
 
 RESOLUTION = 64
 BUILDERS = {"sdxl": lambda: build_random_sdxl_pipeline(sample_size=8, small=True),
@@ -178,3 +181,18 @@ def test_lora_eraser_loads_into_the_plain_pipeline_and_reproduces_its_images(fam
     fresh = LoRA(BUILDERS[family](), module.config, ["circle"], resolution=RESOLUTION)
     fresh.load_erased(tmp_path)
     assert all(torch.equal(fresh.trained[n], p) for n, p in module.trained.items())
+
+
+@pytest.mark.parametrize("family, recipe", [("sdxl", "esd"), ("flux", "lora")])
+def test_a_run_from_the_command_line_trains_evaluates_and_saves(family, recipe, tmp_path):
+    """``python -m erasure.train model=<folder>`` on a saved SDXL / FLUX folder: the toy world's protocol,
+    evaluation before and after, the result in erased/."""
+    folder = tmp_path / family
+    BUILDERS[family]().save_pretrained(folder, safe_serialization=True)
+    output = tmp_path / "run"
+    assert train([f"recipe={recipe}", f"model={folder}", f"model.resolution={RESOLUTION}", "trainer.max_steps=2",
+                  "method.ddim_steps=2", "method.xt_bank=2", "evaluation.steps=2", "evaluation.images_per_prompt=1",
+                  f"output_dir={output}"]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert 0 <= metrics["after"]["efficacy/target_acc"] <= 1 and "efficacy/target_acc" in metrics["before"]
+    assert any((output / "erased").iterdir()) and (output / "samples" / "target.png").is_file()
