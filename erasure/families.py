@@ -292,6 +292,9 @@ class Flux(Family):
     def call_arguments(self, sampler, negative_prompts: list[str] | None, count: int) -> dict:
         arguments = {"num_inference_steps": sampler.steps, "max_sequence_length": self.max_sequence_length}
         if self.distilled:
+            if negative_prompts is not None:
+                raise ValueError("negative prompts need classifier-free guidance, and this FLUX model is "
+                                 "guidance-distilled (guidance_embeds): use a template without a negative prompt")
             return {**arguments, "guidance_scale": sampler.guidance}
         negatives = negative_prompts if negative_prompts is not None else [""] * count
         return {**arguments, "true_cfg_scale": sampler.guidance, "negative_prompt": negatives}

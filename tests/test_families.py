@@ -196,3 +196,14 @@ def test_a_run_from_the_command_line_trains_evaluates_and_saves(family, recipe, 
     metrics = json.loads((output / "metrics.json").read_text())
     assert 0 <= metrics["after"]["efficacy/target_acc"] <= 1 and "efficacy/target_acc" in metrics["before"]
     assert any((output / "erased").iterdir()) and (output / "samples" / "target.png").is_file()
+
+
+@pytest.mark.parametrize("method, families", [("advunlearn", ("sdxl", "flux")), ("sld", ("sdxl", "flux")),
+                                              ("rece", ("flux",))])
+def test_methods_that_do_not_transfer_say_so(method, families):
+    from erasure.methods import METHODS
+
+    cls = METHODS[method]
+    for family in families:
+        with pytest.raises(ValueError, match=f"{method} runs on .* not on {family.upper()}"):
+            cls(BUILDERS[family](), cls.Config(), ["circle"], resolution=RESOLUTION)

@@ -90,6 +90,7 @@ class AdvUnlearnConfig(MethodConfig):
 class AdvUnlearn(EraserModule):
     name = "advunlearn"
     Config = AdvUnlearnConfig
+    families = ("sd",)  # its adversarial prompts are token embeddings of the one CLIP encoder SD-1.x/2.x reads
     choices = {"loss": tuple(LOSSES), "train_method": TRAIN_METHODS, "attack_type": ("prefix_k", "suffix_k"),
                "attack_method": ("pgd", "fast_at"), "attack_init": ("latest", "random")}
 

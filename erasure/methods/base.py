@@ -16,7 +16,7 @@ It owns what all methods share:
 * saving the result as a delta of the changed tensors.
 
 A method sets ``name``, a ``Config`` dataclass of its options, the layers it trains
-(``trained_layers``) and its objective (``objective``).
+(``trained_layers``), its objective (``objective``) and, if not all, the model ``families`` it runs on.
 """
 
 from __future__ import annotations
@@ -56,12 +56,16 @@ class EraserModule(L.LightningModule):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     choices: ClassVar[dict[str, Sequence[str]]] = {"loss": tuple(LOSSES)}
     edits_weights: ClassVar[bool] = True
+    families: ClassVar[tuple[str, ...]] = ("sd", "sdxl", "flux")  # the model families it runs on (erasure.families)
 
     def __init__(self, pipeline, config: MethodConfig, concepts: Sequence[str], seed: int = 0,
                  resolution: int | None = None):
         super().__init__()
         self.pipeline = pipeline
         self.family = family_of(pipeline, resolution)
+        if self.family.name not in self.families:
+            raise ValueError(f"{self.name} runs on {', '.join(f.upper() for f in self.families)} models, not on "
+                             f"{self.family.name.upper()} (README: which methods transfer); choose another method")
         self.denoiser, self.text_encoder, self.vae = self.family.denoiser, pipeline.text_encoder, pipeline.vae
         self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)  # SDXL, FLUX (registered: moves with the module)
         for component in pipeline.components.values():
@@ -108,6 +112,14 @@ class EraserModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.original = {name: value.to(self.device) for name, value in self.original.items()}
+
+    def train(self, mode: bool = True) -> EraserModule:
+        """Lightning's train/eval switch, except that the second text encoder stays in eval mode: it is
+        frozen, and FLUX's T5 would otherwise encode with dropout (0.1 in T5-XXL's config)."""
+        super().train(mode)
+        if self.text_encoder_2 is not None:
+            self.text_encoder_2.eval()
+        return self
 
     def configure_optimizers(self):
         return torch.optim.Adam(list(self.trained.values()), lr=self.config.lr)

@@ -85,13 +85,11 @@ def regeneration_residual(keys: torch.Tensor, concept: torch.Tensor, edited: Seq
 class RECE(UCE):
     name = "rece"
     Config = RECEConfig
+    families = ("sd", "sdxl")  # one shared key space; FLUX's per-block text-stream keys have no single embedding
     choices = {**UCE.choices, "reedit": REEDITS}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.key_spaces() != [SHARED]:
-            raise ValueError("rece needs one shared key space (SD-1.x/2.x, SDXL); FLUX's per-block text-stream "
-                             "keys have no single adversarial embedding: use method=uce")
         self.round_metrics: dict[str, float] = {}  # per round, the adversarial embedding's residuals
 
     @classmethod

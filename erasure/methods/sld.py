@@ -139,6 +139,7 @@ class SLD(InferenceTimeEraser):
 
     name = "sld"
     Config = SLDConfig
+    families = ("sd",)  # its guidance replaces the SD pipeline's classifier-free guidance step
     choices = {"preset": tuple(PRESETS), "warmup": ("relative", "absolute")}
 
     def __init__(self, *args, **kwargs):

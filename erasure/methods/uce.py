@@ -127,13 +127,13 @@ class UCE(EraserModule):
         for ``last`` the prompts are encoded in one batch, only up to the longest last-word
         position (a few tokens instead of the full context); the other modes read the whole context.
         """
+        if not prompts:
+            return {space: [] for space in self.key_spaces()}
         tokenizer = self.pipeline.tokenizer_2 if isinstance(self.family, Flux) else self.pipeline.tokenizer
         ids = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length).input_ids
         # [BOS, words..., EOS] (CLIP) or [words..., EOS] (T5): the last word is at length - 2 (or 0)
         last_words = [max(len(i) - 2, 0) for i in ids]
         token_mode = token_mode or self.config.token_mode
-        if not prompts:
-            return {space: [] for space in self.key_spaces()}
         if token_mode == "last" and isinstance(self.family, StableDiffusion):
             width = max(last_words) + 1
             batch = torch.tensor([(i + [tokenizer.pad_token_id] * width)[:width] for i in ids], device=self.device)

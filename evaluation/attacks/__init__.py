@@ -26,6 +26,11 @@ and sampler; the method's own generation path, so the instruction baseline rewri
 prompt like any prompt) in which the evaluator sees the concept, with its 95% Wilson interval
 (``attack_success_rate_ci95``). An attack never changes the run on disk, and the erased model
 keeps its weights (relearn puts the erased values back).
+
+Every attack runs on SD-1.x/2.x, SDXL and FLUX (:mod:`erasure.families`). What the text side
+crafts is the token context the denoiser reads (SD's and SDXL's cross-attention context, FLUX's
+T5 stream), in the vocabulary of the tokenizer that makes it (``tokens.context_tokenizer``); new
+tokens go into every text encoder; pooled vectors follow the prompt's text. Each module says how.
 """
 
 from __future__ import annotations
@@ -67,18 +72,11 @@ def budget(name: str, config: AttackConfig) -> dict:
 
 
 def measure_attack(name: str, target: Target, config: AttackConfig) -> AttackResult:
-    """Run the attack ``name`` on ``target``, the model in eval mode (FLUX's T5 has dropout: an attack
-    reads the model as it samples; SD's and SDXL's models have none). The result's fields start with
-    the success rate and its interval, then ``example_prompt``, ``loss_first_last`` and the attack's
-    own fields."""
+    """Run the attack ``name`` on ``target``. The result's fields start with the success rate and
+    its interval, then ``example_prompt``, ``loss_first_last`` and the attack's own fields."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack '{name}'; choose from {', '.join(ATTACKS)}")
-    was_training = target.module.training
-    target.module.eval()
-    try:
-        result = ATTACKS[name](target, config)
-    finally:
-        target.module.train(was_training)
+    result = ATTACKS[name](target, config)
     head = {k: result.fields.pop(k) for k in ("attack_success_rate", "attack_success_rate_ci95")}
     result.fields = {**head, "example_prompt": result.prompts[0], "loss_first_last": first_last(result.losses),
                      **result.fields}

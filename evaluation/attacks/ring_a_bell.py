@@ -44,7 +44,6 @@ from erasure.families import StableDiffusion
 from evaluation.attacks.base import AttackConfig, AttackResult, Target
 from evaluation.attacks.tokens import context_tokenizer, text_encoders, word_vocabulary
 
-
 ENCODE_BATCH = 64  # prompts per encoding call of the generic (SDXL, FLUX) path
 
 

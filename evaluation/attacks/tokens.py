@@ -50,6 +50,17 @@ def context_tokenizer(module: EraserModule):
     return module.pipeline.tokenizer_2 if isinstance(module.family, Flux) else module.pipeline.tokenizer
 
 
+def pool_at_end_of_text(encoder, tokenizer) -> None:
+    """Make a CLIP text encoder pool at the end-of-text token even after new tokens. Configs with the
+    legacy ``eos_token_id`` 2 (SDXL's second encoder, FLUX's CLIP) pool at the highest token id,
+    which is the end-of-text token's until tokens are added, a new token's after: the pooled vector
+    (SDXL's ``text_embeds``, FLUX's ``pooled_projections``) would be read at the placeholder. The
+    first end-of-text position is where the legacy rule pools for every prompt of the vocabulary."""
+    text_model = getattr(encoder, "text_model", None)
+    if getattr(text_model, "eos_token_id", None) == 2 and tokenizer.eos_token_id != 2:
+        text_model.eos_token_id = tokenizer.eos_token_id
+
+
 @dataclass
 class TokenRows:
     """The new tokens in one tokenizer: their ids and the token table of its text encoder."""
@@ -71,6 +82,7 @@ class PlaceholderTokens:
         for tokenizer, encoder in text_encoders(pipeline):
             if tokenizer.add_tokens(self.words) != count:
                 raise ValueError(f"the tokenizer already holds {self.words[0]}; attack a freshly loaded run")
+            pool_at_end_of_text(encoder, tokenizer)
             # never shrink: T5's table has spare rows beyond its tokenizer's ids
             encoder.resize_token_embeddings(max(len(tokenizer), encoder.get_input_embeddings().num_embeddings))
             ids = tokenizer.convert_tokens_to_ids(self.words)

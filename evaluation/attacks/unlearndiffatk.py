@@ -44,7 +44,8 @@ from evaluation.attacks.base import AttackConfig, AttackResult, Recovery, Target
 from evaluation.attacks.tokens import PlaceholderTokens, TokenRows, context_tokenizer, word_vocabulary
 
 
-def project(embeddings: Sequence[torch.Tensor], tables: Sequence[torch.Tensor], vocabulary: torch.Tensor) -> torch.Tensor:
+def project(embeddings: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
+            vocabulary: torch.Tensor) -> torch.Tensor:
     """The positions in ``vocabulary`` of the words nearest to the rows of ``embeddings`` (one
     (..., d) tensor per searched token table, ``tables``): the largest cosine similarity, summed over
     the tables (SDXL's two text encoders each hold a row of every word)."""

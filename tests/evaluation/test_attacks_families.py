@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from erasure.architectures import build_random_flux_pipeline, build_random_sdxl_pipeline
+from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.families import Conditioning
 from erasure.generation import Sampler
 from erasure.methods.instruction import Instruction, InstructionConfig
 from erasure.methods.uce import UCE, UCEConfig
-from evaluation.attacks import ATTACKS, AttackConfig, Target, measure_attack, ring_a_bell
+from evaluation.attacks import ATTACKS, AttackConfig, AttackResult, Target, measure_attack, ring_a_bell
 from evaluation.attacks.base import original_images
 from evaluation.attacks.embedding import FreeEmbeddings, optimise
 from evaluation.attacks.relearn import relearned_parameters
@@ -33,7 +34,9 @@ BUDGET = AttackConfig(steps=2, images=2, batch_size=1, soft_prompt_tokens=2, emb
 
 def pipeline_of(family: str):
     """A fresh tiny random pipeline (token attacks add tokens to its tokenizers)."""
-    return build_random_sdxl_pipeline(sample_size=8, small=True) if family == "sdxl" else build_random_flux_pipeline(small=True)
+    if family == "sdxl":
+        return build_random_sdxl_pipeline(sample_size=8, small=True)
+    return build_random_flux_pipeline(small=True)
 
 
 def erased(family: str) -> UCE:
@@ -63,9 +66,14 @@ def model_tensors(module) -> dict[str, torch.Tensor]:
     tokenizers' own vocabularies (an attack's added tokens are its own variables)."""
     vocabulary = {encoder.get_input_embeddings().weight.data_ptr(): tokenizer.vocab_size
                   for tokenizer, encoder in text_encoders(module.pipeline)}
-    return {f"{name}.{key}": (tensor[:vocabulary[tensor.data_ptr()]] if tensor.data_ptr() in vocabulary else tensor).clone()
-            for name, component in module.pipeline.components.items() if isinstance(component, torch.nn.Module)
-            for key, tensor in component.state_dict().items()}
+    models = {name: c for name, c in module.pipeline.components.items() if isinstance(c, torch.nn.Module)}
+
+    def kept(tensor: torch.Tensor) -> torch.Tensor:
+        rows = vocabulary.get(tensor.data_ptr())
+        return (tensor if rows is None else tensor[:rows]).clone()
+
+    return {f"{name}.{key}": kept(tensor) for name, model in models.items()
+            for key, tensor in model.state_dict().items()}
 
 
 def assert_unchanged(module, before: dict[str, torch.Tensor]) -> None:
@@ -119,6 +127,21 @@ def test_placeholder_tokens_train_only_their_rows_in_every_text_encoder(family):
         assert not rows.table.requires_grad
 
 
+def test_clip_pools_at_the_end_of_text_after_new_tokens():
+    """A legacy CLIP config (``eos_token_id`` 2, as SDXL's second encoder and FLUX's CLIP ship) pools
+    at the highest token id: after new tokens it would read the pooled vector at a placeholder."""
+    pipeline = build_random_sdxl_pipeline(sample_size=8, small=True)
+    encoder, tokenizer = pipeline.text_encoder_2, pipeline.tokenizer_2
+    encoder.text_model.eos_token_id = 2
+    tokens = PlaceholderTokens(pipeline, "test", 1, "object")
+    tokens.close()
+    ids = tokenizer([f"a red {tokens.text}"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        output = encoder(ids)
+        end = ids[0].tolist().index(tokenizer.eos_token_id)
+        assert torch.allclose(output.text_embeds[0], encoder.text_projection(output.last_hidden_state[0, end]), atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attack", ["inversion", "soft_prompt"])
 def test_learned_tokens_are_in_every_tokenizer_and_the_prompts(family, attack):
@@ -127,8 +150,9 @@ def test_learned_tokens_are_in_every_tokenizer_and_the_prompts(family, attack):
     count = 1 if attack == "inversion" else 2
     words = [f"<{attack}-{k}>" for k in range(count)]
     for tokenizer, _ in text_encoders(module.pipeline):
-        size = tokenizer.vocab_size
-        assert len(tokenizer) == size + count and tokenizer.convert_tokens_to_ids(words) == list(range(size, size + count))
+        size = tokenizer.vocab_size  # the added tokens take the ids after the vocabulary
+        assert len(tokenizer) == size + count
+        assert tokenizer.convert_tokens_to_ids(words) == list(range(size, size + count))
     assert all(" ".join(words) in prompt for prompt in result.prompts) and len(result.losses) == 2
     assert ("circle" in result.prompts[0]) == (attack == "soft_prompt")
 
@@ -200,7 +224,8 @@ def test_unlearndiffatk_searches_the_tables_that_share_the_context_vocabulary(fa
     for rows, stand_in in others:
         assert stand_in.shape == (len(vocabulary), rows.table.shape[1])
         circle = vocabulary.tolist().index(tokenizer("circle", add_special_tokens=False).input_ids[0])
-        assert torch.equal(stand_in[circle], rows.table[rows.tokenizer("circle", add_special_tokens=False).input_ids].mean(0))
+        own = rows.tokenizer("circle", add_special_tokens=False).input_ids
+        assert torch.equal(stand_in[circle], rows.table[own].mean(0))
 
 
 def test_t5_word_vocabulary_is_its_whole_word_pieces():
@@ -236,19 +261,33 @@ def test_relearn_tunes_flux_text_stream_keys_and_values_without_trained_tensors(
     assert which.startswith("attn.add_k_proj/add_v_proj")
 
 
-def test_attacks_run_on_the_model_in_eval_mode(monkeypatch):
-    """FLUX's T5 has dropout: in training mode (as Trainer.fit and EraserModule.generate leave the
-    module, its children included) two encodings of a prompt differ."""
+def test_the_frozen_t5_encodes_without_dropout_in_training_mode():
+    """FLUX's T5 has dropout; the module keeps it in eval mode while it trains (EraserModule.train), so
+    an attack on a module in training mode (as Trainer.fit leaves it) sees one encoding per prompt."""
     module = erased("flux").train()
+    assert module.training and not module.text_encoder_2.training
     prompts = [ROWS[0].prompt]
-    assert not torch.equal(module.encode(prompts, cache=False).embeds,
-                                               module.encode(prompts, cache=False).embeds)
+    assert torch.equal(module.encode(prompts, cache=False).embeds, module.encode(prompts, cache=False).embeds)
+
+
+def test_sd_keeps_its_path(monkeypatch):
+    """SD-1.x/2.x as before: one text encoder, CLIP's whole words, a bare context in the conditioning,
+    the module's mode untouched by measure_attack (the toy world's published numbers repeat)."""
+    pipeline = load_pipeline(TOYWORLD_MODEL)
+    module = UCE(pipeline, UCEConfig(), ["circle"]).train()
+    tokenizer = context_tokenizer(module)
+    assert tokenizer is pipeline.tokenizer and len(text_encoders(pipeline)) == 1
+    assert all(name.endswith("</w>") for name in tokenizer.convert_ids_to_tokens(word_vocabulary(tokenizer).tolist()))
+    free = FreeEmbeddings(module, ["a red circle"], ["circle"], "concept+end")
+    condition = free.embeds([0])
+    assert torch.equal(condition.embeds, module.encode(["a red circle"]).embeds)
+    assert (condition.pooled, condition.time_ids, condition.guidance) == (None, None, None)
     seen = []
 
     def spy(target, config):
-        seen.append(not target.module.training and not target.module.text_encoder_2.training)
-        return ATTACKS["embedding"](target, config)
+        seen.append(target.module.training)
+        return AttackResult(torch.zeros(0), [""], [], {"attack_success_rate": 0.0, "attack_success_rate_ci95": [0, 1]})
 
     monkeypatch.setitem(ATTACKS, "spy", spy)
-    measure_attack("spy", Target(module, ROWS, FAST, 1, Parity()), AttackConfig(steps=1, images=2))
-    assert seen == [True] and module.training  # eval during the attack, the mode put back after
+    measure_attack("spy", Target(module, ROWS, FAST, 1, Parity()), AttackConfig())
+    assert seen == [True]

@@ -24,7 +24,7 @@ def write(path, text):
     (["protocol=artists", "concept=Monet"], "protocol artists needs evaluation.prompts_csv=<prompts.csv>"),
     (["concept=cat"], "concept 'cat' is not in the toy world (its concepts: circle, square"),
     (["protocol=csv", "concept=cat", "evaluation.target_csv=/nonexistent.csv"], "evaluation.target_csv: no file at /nonexistent.csv"),
-    (["model.preset=sdxl9"], "unknown model preset 'sdxl9' for model.preset; available: auto, sd14, sd15, sd21, toyworld, none"),
+    (["model.preset=sdxl9"], "unknown model preset 'sdxl9' for model.preset; available: auto, sd14, sd15, sd21, toyworld, toyworld-flux, none"),
 ])
 def test_protocol_errors_are_one_line_exit_2(tmp_path, capsys, arguments, message):
     assert main(["recipe=esd", *arguments, f"output_dir={tmp_path / 'run'}"]) == 2
