@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -150,7 +151,7 @@ class Family:
             return self.noise_schedule.get_velocity(latents, noise, t.cpu()).to(latents)
         return noise
 
-    @property
+    @cached_property
     def noise_schedule(self) -> DDPMScheduler:
         return DDPMScheduler.from_config(self.pipeline.scheduler.config)
 
@@ -269,7 +270,7 @@ class Flux(Family):
     def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise - latents
 
-    @property
+    @cached_property
     def noise_schedule(self):
         raise TypeError("FLUX is a flow-matching model: it has no DDPM noise schedule")
 
