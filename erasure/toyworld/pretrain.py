@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxPipeline, StableDiffusionPipeline
 from diffusers.training_utils import compute_snr
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms.functional import gaussian_blur
@@ -384,15 +385,22 @@ def stage_flow(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tens
     """The FLUX-format model's transformer and text encoders (``data``'s latents already shifted and scaled)."""
     done = work / "flow.safetensors"
     module = FlowMatchingTraining(tokenizer, tokenizer_2, clip_init, budget.flow_steps, lr=lr)
-    if not done.exists():
+    if not done.exists() or trained_steps(done) < budget.flow_steps:  # a larger budget continues from last.ckpt
         L.seed_everything(seed + 4)
         dataset = CaptionedLatents(data["latent_mean"], data["latent_std"], scenes_of(data), seed + 4)
         ema = EMAWeightAveraging(decay=0.999, update_starting_at_step=min(1000, budget.flow_steps // 2))
         fit(module, DataLoader(dataset, batch_size=budget.unet_batch, shuffle=True, drop_last=True),
             budget.flow_steps, work / "flow", budget.checkpoint_every, callbacks=[ema], gradient_clip_val=1.0)
-        save_file({k: v.clone() for k, v in module.state_dict().items()}, done)  # clone: T5 ties two names
+        save_file({k: v.clone() for k, v in module.state_dict().items()}, done,  # clone: T5 ties two names
+                  metadata={"steps": str(budget.flow_steps)})
     module.load_state_dict(load_file(done))
     return module.eval()
+
+
+def trained_steps(path: Path) -> int:
+    """The step budget a finished stage file was trained to (0 when it does not say)."""
+    with safe_open(path, "pt") as handle:
+        return int((handle.metadata() or {}).get("steps", 0))
 
 
 def pretrain_flux(output: Path, work: Path, budget: Budget, init: Path, seed: int = 0, lr: float = 5e-4) -> None:

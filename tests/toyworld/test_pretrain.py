@@ -69,3 +69,18 @@ def test_fit_resumes_from_the_last_checkpoint(tmp_path):
     pretrain.fit(resumed, loader, steps=12, stage_dir=tmp_path, every=3)
     assert resumed.calls == 6  # continued at step 6, did not start over
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_quick_flux_pretraining_produces_a_flux_pipeline_and_a_larger_budget_continues_it(tmp_path):
+    arguments = ["family=flux", "--quick", "--output", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    pretrain.main(arguments)
+    pipeline = load_pipeline(tmp_path / "out" / "flux")
+    assert type(pipeline).__name__ == "FluxPipeline" and pipeline.vae.config.shift_factor is not None
+    images = generate(pipeline, ["a red circle", "a disk"], [0, 1], Sampler(steps=2))
+    assert images.shape == (2, 32, 32, 3)
+    first = load_file(tmp_path / "out" / "flux" / "transformer" / "diffusion_pytorch_model.safetensors")
+    pretrain.main([*arguments, "--flow-steps", str(2 * pretrain.QUICK.flow_steps)])
+    record = json.loads((tmp_path / "out" / "pretrain_flux.json").read_text())
+    assert record["family"] == "flux" and record["budget"]["flow_steps"] == 2 * pretrain.QUICK.flow_steps
+    second = load_file(tmp_path / "out" / "flux" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(first[k], second[k]) for k in first)  # trained on from the first run's end
