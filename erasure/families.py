@@ -116,6 +116,12 @@ class Family:
         return self.resolution // self.pipeline.vae_scale_factor
 
     @property
+    def context_tokenizer(self):
+        """The tokenizer whose ids make the token context the denoiser reads (SDXL's second CLIP
+        tokenizer has the same vocabulary and ids as the first)."""
+        return self.pipeline.tokenizer
+
+    @property
     def latent_channels(self) -> int:
         return self.pipeline.vae.config.latent_channels
 
@@ -231,6 +237,11 @@ class Flux(Family):
     @property
     def latent_channels(self) -> int:
         return self.pipeline.transformer.config.in_channels // 4
+
+    @property
+    def context_tokenizer(self):
+        """T5's: its states are the token stream (CLIP gives only the pooled vector)."""
+        return self.pipeline.tokenizer_2
 
     @property
     def max_sequence_length(self) -> int:

@@ -129,7 +129,7 @@ class UCE(EraserModule):
         """
         if not prompts:
             return {space: [] for space in self.key_spaces()}
-        tokenizer = self.pipeline.tokenizer_2 if isinstance(self.family, Flux) else self.pipeline.tokenizer
+        tokenizer = self.family.context_tokenizer
         ids = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length).input_ids
         # [BOS, words..., EOS] (CLIP) or [words..., EOS] (T5): the last word is at length - 2 (or 0)
         last_words = [max(len(i) - 2, 0) for i in ids]
@@ -147,9 +147,12 @@ class UCE(EraserModule):
 
     def key_spaces(self) -> list[str]:
         """:data:`SHARED`, or for FLUX the ``attn`` module of every block whose projections are edited."""
-        if not isinstance(self.family, Flux):
-            return [SHARED]
-        return list(dict.fromkeys(name.rsplit(".", 2)[0] for name in self.trained))
+        return list(dict.fromkeys(self.key_space(name) for name in self.trained))
+
+    def key_space(self, name: str) -> str:
+        """The key space of trained tensor ``name``: :data:`SHARED`, or for FLUX its block's ``attn``
+        (``transformer_blocks.0.attn.add_k_proj.weight`` -> ``transformer_blocks.0.attn``)."""
+        return name.rsplit(".", 2)[0] if isinstance(self.family, Flux) else SHARED
 
     def flux_keys(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Per edited block, the text stream entering its add_k_proj/add_v_proj: (prompts, timesteps,
@@ -218,8 +221,7 @@ class UCE(EraserModule):
         solved = time.perf_counter()
         for name, weight in self.trained.items():
             if name.endswith(".weight"):  # biases cancel (module docstring)
-                space = SHARED if SHARED in transforms else name.rsplit(".", 2)[0]
-                weight.copy_(edit_weight(self.original[name], transforms[space]))
+                weight.copy_(edit_weight(self.original[name], transforms[self.key_space(name)]))
         written = time.perf_counter()
         return {"encoding": encoded - started, "solve": solved - encoded, "write": written - solved}
 

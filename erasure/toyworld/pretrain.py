@@ -361,16 +361,23 @@ def classifier_accuracy(classifier: arch.ToyClassifier, images_uint8: torch.Tens
     }
 
 
+def fit_on_captions(module: L.LightningModule, data: dict[str, torch.Tensor], seed: int, steps: int, stage_dir: Path,
+                    budget: Budget, **fit_options) -> None:
+    """Train a text-to-image stage on the dataset's latents with fresh captions, seeded, with EMA
+    weights (decay 0.999, from step min(1000, steps / 2)); resumes from ``stage_dir/last.ckpt``."""
+    L.seed_everything(seed)
+    dataset = CaptionedLatents(data["latent_mean"], data["latent_std"], scenes_of(data), seed)
+    ema = EMAWeightAveraging(decay=0.999, update_starting_at_step=min(1000, steps // 2))
+    fit(module, DataLoader(dataset, batch_size=budget.unet_batch, shuffle=True, drop_last=True),
+        steps, stage_dir, budget.checkpoint_every, callbacks=[ema], **fit_options)
+
+
 def stage_unet(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor], tokenizer, scaling_factor: float,
                lr: float, init: Path | None):
     done = work / "unet.safetensors"
     module = TextToImageTraining(tokenizer, scaling_factor, budget.unet_steps, lr=lr, init=init)
     if not done.exists():
-        L.seed_everything(seed + 3)
-        dataset = CaptionedLatents(data["latent_mean"], data["latent_std"], scenes_of(data), seed + 3)
-        ema = EMAWeightAveraging(decay=0.999, update_starting_at_step=min(1000, budget.unet_steps // 2))
-        fit(module, DataLoader(dataset, batch_size=budget.unet_batch, shuffle=True, drop_last=True),
-            budget.unet_steps, work / "unet", budget.checkpoint_every, callbacks=[ema])
+        fit_on_captions(module, data, seed + 3, budget.unet_steps, work / "unet", budget)
         state = {f"unet.{k}": v for k, v in module.unet.state_dict().items()}
         state |= {f"text_encoder.{k}": v.contiguous() for k, v in module.text_encoder.state_dict().items()}
         save_file(state, done)
@@ -386,11 +393,7 @@ def stage_flow(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tens
     done = work / "flow.safetensors"
     module = FlowMatchingTraining(tokenizer, tokenizer_2, clip_init, budget.flow_steps, lr=lr)
     if not done.exists() or trained_steps(done) < budget.flow_steps:  # a larger budget continues from last.ckpt
-        L.seed_everything(seed + 4)
-        dataset = CaptionedLatents(data["latent_mean"], data["latent_std"], scenes_of(data), seed + 4)
-        ema = EMAWeightAveraging(decay=0.999, update_starting_at_step=min(1000, budget.flow_steps // 2))
-        fit(module, DataLoader(dataset, batch_size=budget.unet_batch, shuffle=True, drop_last=True),
-            budget.flow_steps, work / "flow", budget.checkpoint_every, callbacks=[ema], gradient_clip_val=1.0)
+        fit_on_captions(module, data, seed + 4, budget.flow_steps, work / "flow", budget, gradient_clip_val=1.0)
         save_file({k: v.clone() for k, v in module.state_dict().items()}, done,  # clone: T5 ties two names
                   metadata={"steps": str(budget.flow_steps)})
     module.load_state_dict(load_file(done))

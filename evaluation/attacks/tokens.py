@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from erasure.families import Flux
 from erasure.methods.base import EraserModule
 from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images, record_loss
 from evaluation.suites import Prompt
@@ -45,9 +44,9 @@ def text_encoders(pipeline) -> list[tuple]:
 
 
 def context_tokenizer(module: EraserModule):
-    """The tokenizer whose ids make the token context the denoiser reads: FLUX's T5 ``tokenizer_2``,
-    otherwise ``tokenizer`` (SDXL's second CLIP tokenizer has the same vocabulary and ids)."""
-    return module.pipeline.tokenizer_2 if isinstance(module.family, Flux) else module.pipeline.tokenizer
+    """The tokenizer whose ids make the token context the denoiser reads (``Family.context_tokenizer``:
+    FLUX's T5 ``tokenizer_2``, otherwise ``tokenizer``)."""
+    return module.family.context_tokenizer
 
 
 def pool_at_end_of_text(encoder, tokenizer) -> None:
