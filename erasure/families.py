@@ -167,6 +167,10 @@ class Family:
         scheduler.set_timesteps(steps)
         return scheduler
 
+    def describe_sampler(self, sampler) -> str:
+        """The sampler as the run's protocol record names it."""
+        return f"DDIM, {sampler.steps} steps, eta {sampler.eta}"
+
     def guided(self, predict: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor],
                latents: torch.Tensor, t: torch.Tensor, condition: Conditioning, unconditional: Conditioning,
                guidance: float) -> torch.Tensor:
@@ -294,6 +298,10 @@ class Flux(Family):
                              config.get("base_shift", 0.5), config.get("max_shift", 1.15))
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
         return scheduler
+
+    def describe_sampler(self, sampler) -> str:
+        guidance = "embedded guidance" if self.distilled else "true classifier-free guidance"
+        return f"Euler (FluxPipeline's shifted flow-matching schedule), {sampler.steps} steps, {guidance}"
 
     def guided(self, predict, latents, t, condition, unconditional, guidance):
         """Distilled: one prediction at guidance embedding ``guidance``; otherwise true CFG."""

@@ -112,6 +112,7 @@ class EvaluationCallback(L.Callback):
 
     # ----- hooks ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, module) -> None:
+        self.sampler_description = module.family.describe_sampler(self.sampler)
         _, self.before = self._evaluate(trainer, module, original=True)
         for logger in trainer.loggers:
             logger.log_metrics(scalars("before", self.before), step=trainer.global_step)
@@ -149,7 +150,7 @@ class EvaluationCallback(L.Callback):
     def protocol(self) -> dict:
         scorer = {"clip_score": self.scorer.name} if self.scorer is not None else {}
         return {"name": self.run_info.get("protocol"),
-                "sampler": f"DDIM, {self.sampler.steps} steps, eta {self.sampler.eta}",
+                "sampler": self.sampler_description,
                 "guidance": self.sampler.guidance, "images_per_prompt": self.images_per_prompt,
                 "seeds": "evaluation_seed + k, k < images_per_prompt",
                 "evaluator": self.evaluator.name if self.evaluator is not None else "none", **scorer,

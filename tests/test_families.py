@@ -196,6 +196,7 @@ def test_a_run_from_the_command_line_trains_evaluates_and_saves(family, recipe, 
     metrics = json.loads((output / "metrics.json").read_text())
     assert 0 <= metrics["after"]["efficacy/target_acc"] <= 1 and "efficacy/target_acc" in metrics["before"]
     assert any((output / "erased").iterdir()) and (output / "samples" / "target.png").is_file()
+    assert metrics["protocol"]["sampler"].startswith({"sdxl": "DDIM", "flux": "Euler"}[family])
 
 
 @pytest.mark.parametrize("method, families", [("advunlearn", ("sdxl", "flux")), ("sld", ("sdxl", "flux")),

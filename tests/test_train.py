@@ -86,7 +86,7 @@ def test_run_directory_has_every_artifact(small_run):
     assert "| efficacy/target_acc |" in (output / "report.md").read_text()
     config = (output / "config.yaml").read_text()
     assert "method.batch_size: model preset toyworld" in config and "method.prompt_template: protocol toyworld" in config
-    assert "method.lr: command line" in config and "method.eta: recipe esd" in config
+    assert "method.lr: command line" in config and "method.loss: recipe esd" in config
 
 
 def test_same_seed_same_metrics(small_run, tmp_path):

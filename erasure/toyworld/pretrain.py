@@ -57,7 +57,7 @@ from transformers import CLIPTextModel
 from erasure.architectures import build_t5_tokenizer
 from erasure.bundle import ModelLoadError, resolve_path
 from erasure.generation import to_unit_range
-from erasure.io import atomic_directory
+from erasure.io import atomic_directory, atomic_write_text
 from erasure.toyworld import architecture as arch
 from erasure.toyworld.captions import caption
 from erasure.toyworld.classifier import load_classifier, save_classifier
@@ -419,6 +419,9 @@ def pretrain_flux(output: Path, work: Path, budget: Budget, init: Path, seed: in
                "latent_std": data["latent_std"] * scaling_factor}
     tokenizer = shipped_or_new_tokenizer()
     tokenizer_2 = build_t5_tokenizer(arch.MAX_TOKENS)
+    record_path = output / "pretrain_flux.json"
+    earlier = json.loads(record_path.read_text()) if record_path.exists() else None
+    continues = earlier if earlier and earlier["budget"]["flow_steps"] < budget.flow_steps else None
     module = stage_flow(budget, work, seed, shifted, tokenizer, tokenizer_2, init / "sd" / "text_encoder", lr)
     pipeline = FluxPipeline(
         scheduler=arch.make_flow_scheduler(), vae=vae, text_encoder=module.text_encoder, tokenizer=tokenizer,
@@ -426,12 +429,16 @@ def pretrain_flux(output: Path, work: Path, budget: Budget, init: Path, seed: in
     )
     with atomic_directory(output / "flux") as folder:
         pipeline.save_pretrained(folder, safe_serialization=True)
+    seconds = round(time.time() - start, 1)
     record = {"family": "flux", "budget": asdict(budget), "seed": seed, "lr": lr, "init": str(init),
-              "seconds": round(time.time() - start, 1), "device": str(module.device),
+              "seconds": seconds, "device": str(module.device),
               "parameters": {name: sum(p.numel() for p in getattr(module, name).parameters())
                              for name in ("transformer", "text_encoder", "text_encoder_2")}}
-    (output / "pretrain_flux.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"[export] wrote {output / 'flux'} in {record['seconds']} s")
+    if continues:  # a larger --flow-steps continued the earlier run: keep its record and the total time
+        record |= {"seconds_total": round(continues.get("seconds_total", continues["seconds"]) + seconds, 1),
+                   "continues": continues}
+    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    print(f"[export] wrote {output / 'flux'} in {seconds} s")
 
 
 def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0, lr: float = 1e-3, init: Path | None = None) -> None:
@@ -463,7 +470,7 @@ def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0, lr: float 
     record = {"budget": asdict(budget), "seed": seed, "lr": lr, "init": str(init) if init else None,
               "seconds": round(time.time() - start, 1),
               "device": str(unet.device), "classifier_held_out_accuracy": classifier_quality}
-    (output / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(output / "pretrain.json", json.dumps(record, indent=2) + "\n")
     print(f"[export] wrote {output / 'sd'} and {output / 'classifier'} in {record['seconds']} s")
 
 

@@ -79,8 +79,11 @@ def test_quick_flux_pretraining_produces_a_flux_pipeline_and_a_larger_budget_con
     images = generate(pipeline, ["a red circle", "a disk"], [0, 1], Sampler(steps=2))
     assert images.shape == (2, 32, 32, 3)
     first = load_file(tmp_path / "out" / "flux" / "transformer" / "diffusion_pytorch_model.safetensors")
+    first_record = json.loads((tmp_path / "out" / "pretrain_flux.json").read_text())
     pretrain.main([*arguments, "--flow-steps", str(2 * pretrain.QUICK.flow_steps)])
     record = json.loads((tmp_path / "out" / "pretrain_flux.json").read_text())
     assert record["family"] == "flux" and record["budget"]["flow_steps"] == 2 * pretrain.QUICK.flow_steps
+    assert record["continues"] == first_record  # the continued run's record keeps the first and adds the time
+    assert record["seconds_total"] == pytest.approx(first_record["seconds"] + record["seconds"], abs=0.11)
     second = load_file(tmp_path / "out" / "flux" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert not all(torch.equal(first[k], second[k]) for k in first)  # trained on from the first run's end
