@@ -2,6 +2,7 @@
 
     python -m erasure.toyworld.pretrain                 # full run (about 1.5-2 h on a 2-core CPU)
     python -m erasure.toyworld.pretrain family=flux     # the FLUX-format model beside it (--family flux)
+    python -m erasure.toyworld.pretrain family=flux --flow-steps 9600   # ... continued as shipped
     python -m erasure.toyworld.pretrain --quick --output /tmp/toy   # smoke run, < 2 min
     python -m erasure.toyworld.pretrain --init checkpoints/toyworld-v1 --unet-steps 5000 --lr 5e-4 \
         --output checkpoints/toyworld        # continue a shipped model on today's caption grammar
@@ -21,7 +22,9 @@ Stages, each resumable (rerun the same command after an interruption):
 writes ``<output>/flux`` and ``<output>/pretrain_flux.json``: the VAE, the classifier and the initial
 CLIP text encoder are the SD model's in ``--init`` (default: the shipped ``checkpoints/toyworld``),
 the stage ``flow`` trains the transformer, a new T5 encoder and the CLIP encoder jointly with the
-rectified-flow objective (:class:`FlowMatchingTraining`).
+rectified-flow objective (:class:`FlowMatchingTraining`). A larger ``--flow-steps`` continues a
+finished stage from ``<work>/flow/last.ckpt`` (the shipped model: 6,000 steps continued to 9,600),
+and the record then keeps the earlier run's (``continues``) and the total time (``seconds_total``).
 
 With ``--init <folder>`` (a folder holding ``sd`` and ``classifier``, as ``--output`` writes it)
 the VAE and the classifier are that model's, unchanged, and the UNet stage starts from its UNet
