@@ -76,15 +76,15 @@ class EvaluationCallback(L.Callback):
         return images
 
     def score(self, images: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
-        """Accuracies with their 95% intervals, per-concept target accuracies, the evaluator's own details
-        (NudeNet's per-class counts), CLIP score and KID."""
+        """Accuracies with their 95% intervals, per concept for the target and retained suites where they
+        name several, the evaluator's own details (NudeNet's per-class counts), CLIP score and KID."""
         metrics: dict = {}
         evaluator = self.evaluator
         for suite, name in SUITE_METRICS.items():
             if suite in images and evaluator is not None:
                 concepts = self._rows(suite)[2]
                 metrics.update(accuracy_with_interval(evaluator, images[suite], concepts, name))
-                if suite == "target" and len(set(concepts)) > 1:  # per erased concept
+                if suite in ("target", "retained") and len(set(concepts)) > 1:  # per erased / retained concept
                     for concept in dict.fromkeys(concepts):
                         rows = [i for i, c in enumerate(concepts) if c == concept]
                         metrics.update(accuracy_with_interval(evaluator, images[suite][rows], [concept] * len(rows),

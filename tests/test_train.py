@@ -1,5 +1,6 @@
 """The training CLI: errors, determinism, resume, and the delta that reproduces the erased model."""
 
+import csv
 import json
 
 import pytest
@@ -76,8 +77,14 @@ def test_run_directory_has_every_artifact(small_run):
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["recipe"] == "esd" and metrics["erase"] == ["circle"]
     accuracies = ("efficacy/target_acc", "generality/synonym_acc", "specificity/retained_acc")
+    retained = [row["concept"] for row in csv.DictReader((output / "prompts" / "retained.csv").open())]
+    per_concept = [f"specificity/retained_acc/{c}" for c in dict.fromkeys(retained)]
+    assert len(per_concept) > 1
     for phase in ("before", "after"):
-        assert set(metrics[phase]) == {*accuracies, *(f"{a}_ci95" for a in accuracies), "fidelity/kid"}
+        named = [*accuracies, *per_concept]
+        assert set(metrics[phase]) == {*named, *(f"{a}_ci95" for a in named), "fidelity/kid"}
+        overall = sum(metrics[phase][p] * retained.count(p.split("/")[-1]) for p in per_concept) / len(retained)
+        assert overall == pytest.approx(metrics[phase]["specificity/retained_acc"], abs=1e-3)  # its parts
         for name in accuracies:  # every accuracy with its 95% interval around it
             low, high = metrics[phase][f"{name}_ci95"]
             assert 0 <= low <= metrics[phase][name] <= high <= 1 and high - low > 0.05
