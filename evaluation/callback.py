@@ -167,9 +167,10 @@ class EvaluationCallback(L.Callback):
                             self.images_per_prompt, path)
             grids[suite] = f"samples/{suite}.png"
         info = {k: v for k, v in self.run_info.items() if k != "protocol"}  # the protocol's name is in "protocol"
+        protocol = self.protocol()
         metrics = {**info, "before": self.before, "after": after,
                    "seconds": {"fit": round(fit_seconds, 1), "eval": round(self.eval_seconds, 1)},
-                   "protocol": self.protocol(),
+                   "protocol": protocol,
                    **({"history": self.history} if self.every_n_steps else {})}
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        write_report(out / "report.md", metrics, self.protocol(), grids)
+        write_report(out / "report.md", metrics, protocol, grids)

@@ -29,7 +29,7 @@ keeps its weights (relearn puts the erased values back).
 
 Every attack runs on SD-1.x/2.x, SDXL and FLUX (:mod:`erasure.families`). What the text side
 crafts is the token context the denoiser reads (SD's and SDXL's cross-attention context, FLUX's
-T5 stream), in the vocabulary of the tokenizer that makes it (``tokens.context_tokenizer``); new
+T5 stream), in the vocabulary of the tokenizer that makes it (``Family.context_tokenizer``); new
 tokens go into every text encoder; pooled vectors follow the prompt's text. Each module says how.
 """
 

@@ -66,7 +66,6 @@ from erasure.methods.base import EraserModule
 from evaluation.attacks.base import (
     AttackConfig, AttackResult, Recovery, Target, attacker_rows, original_images, record_loss,
 )
-from evaluation.attacks.tokens import context_tokenizer
 
 MAX_UNET_BATCH = 32  # samples per UNet call of one step (a step's gradients are accumulated over calls)
 
@@ -109,7 +108,7 @@ class FreeEmbeddings:
         self.module = module
         self.prompts = list(dict.fromkeys(prompts))
         word_of = dict(zip(prompts, words))
-        tokenizer = context_tokenizer(module)
+        tokenizer = module.family.context_tokenizer
         with torch.no_grad():
             self.condition = module.encode(self.prompts, cache=False).detach()
         self.ids, self.positions, self.free = [], [], []

@@ -42,19 +42,19 @@ from tqdm.auto import tqdm
 
 from erasure.families import StableDiffusion
 from evaluation.attacks.base import AttackConfig, AttackResult, Target
-from evaluation.attacks.tokens import context_tokenizer, text_encoders, word_vocabulary
+from evaluation.attacks.tokens import text_encoders, word_vocabulary
 
 ENCODE_BATCH = 64  # prompts per encoding call of the generic (SDXL, FLUX) path
 
 
 def encode_ids(module, token_ids: torch.Tensor) -> torch.Tensor:
     """The token context the denoiser reads (N, L, d) for token sequences (N, K) of the context
-    tokenizer (``tokens.context_tokenizer``). SD-1.x/2.x: the text encoder's outputs of the ids
+    tokenizer (``Family.context_tokenizer``). SD-1.x/2.x: the text encoder's outputs of the ids
     framed as the tokenizer frames a prompt, [BOS, tokens, EOS, padding]; SDXL and FLUX: the
     pipeline's encoding (``module.encode``) of their text, which tokenises back to them (whole-word
     tokens): SDXL's two CLIPs' hidden states, FLUX's T5 states."""
     if not isinstance(module.family, StableDiffusion):
-        texts = context_tokenizer(module).batch_decode(token_ids)
+        texts = module.family.context_tokenizer.batch_decode(token_ids)
         return torch.cat([module.encode(texts[start:start + ENCODE_BATCH], cache=False).embeds
                           for start in range(0, len(texts), ENCODE_BATCH)])
     tokenizer = module.pipeline.tokenizer
@@ -139,7 +139,7 @@ def find_prompts(target: Target, config: AttackConfig) -> tuple[list[str], list[
     The search sees only the original text encoder, the prompts and the budget, so it runs once per
     process for them: a comparison attacks every method with the same prompts, as the paper does."""
     module = target.module
-    tokenizer = context_tokenizer(module)
+    tokenizer = module.family.context_tokenizer
     options = {k: v for k, v in asdict(config).items() if k.startswith("ring_a_bell") or k in ("seed", "init_word")}
     with module.original_weights():  # the attacker's encoder: the original model's, whatever the method trained
         key = (tuple(encoder_fingerprint(encoder) for _, encoder in text_encoders(module.pipeline)),

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from erasure.methods.base import EraserModule
 from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images, record_loss
 from evaluation.suites import Prompt
 
@@ -41,12 +40,6 @@ def text_encoders(pipeline) -> list[tuple]:
     return [(getattr(pipeline, tokenizer), getattr(pipeline, encoder))
             for tokenizer, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
             if getattr(pipeline, encoder, None) is not None]
-
-
-def context_tokenizer(module: EraserModule):
-    """The tokenizer whose ids make the token context the denoiser reads (``Family.context_tokenizer``:
-    FLUX's T5 ``tokenizer_2``, otherwise ``tokenizer``)."""
-    return module.family.context_tokenizer
 
 
 def pool_at_end_of_text(encoder, tokenizer) -> None:

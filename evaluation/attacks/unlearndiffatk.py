@@ -16,7 +16,7 @@ The vocabulary is the tokenizer's whole-word tokens (``tokens.word_vocabulary``)
 text that tokenises back to the searched tokens; the reference code feeds token ids directly.
 
 Families: the vocabulary is that of the tokenizer whose ids make the denoiser's token context
-(``tokens.context_tokenizer``: CLIP's for SD and SDXL, T5's for FLUX). The prefix enters every text
+(``Family.context_tokenizer``: CLIP's for SD and SDXL, T5's for FLUX). The prefix enters every text
 encoder through placeholder tokens (``tokens.PlaceholderTokens``) whose rows hold the current
 words: SDXL's two CLIPs share the vocabulary, so a word is a row of each, e is one continuous
 embedding per table, and the projection sums the two cosine similarities; FLUX's CLIP (the pooled
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from evaluation.attacks.base import AttackConfig, AttackResult, Recovery, Target, record_loss
-from evaluation.attacks.tokens import PlaceholderTokens, TokenRows, context_tokenizer, word_vocabulary
+from evaluation.attacks.tokens import PlaceholderTokens, TokenRows, word_vocabulary
 
 
 def project(embeddings: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
@@ -72,7 +72,7 @@ def split_tables(tokens: PlaceholderTokens, tokenizer,
 
 def attack(target: Target, config: AttackConfig) -> AttackResult:
     module, sampler = target.module, target.sampler
-    tokenizer = context_tokenizer(module)
+    tokenizer = module.family.context_tokenizer
     module.requires_grad_(False)
     prompts, seeds = target.prompts, target.seeds
     generator = torch.Generator().manual_seed(config.seed)

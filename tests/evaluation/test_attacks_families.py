@@ -19,7 +19,7 @@ from evaluation.attacks.base import original_images
 from evaluation.attacks.embedding import FreeEmbeddings, optimise
 from evaluation.attacks.relearn import relearned_parameters
 from evaluation.attacks.ring_a_bell import encode_ids
-from evaluation.attacks.tokens import PlaceholderTokens, context_tokenizer, text_encoders, word_vocabulary
+from evaluation.attacks.tokens import PlaceholderTokens, text_encoders, word_vocabulary
 from evaluation.attacks.unlearndiffatk import split_tables
 from evaluation.protocols.toyworld import toyworld_suites
 
@@ -162,7 +162,7 @@ def test_free_positions_are_those_of_the_context_tokenizer(family, concept_at, l
     """SDXL: [BOS, a, red, circle, EOS, padding]; FLUX's T5: [a, red, circle, </s>, padding]."""
     module = erased(family)
     free = FreeEmbeddings(module, ["a red circle"], ["circle"], "concept+end")
-    tokenizer = context_tokenizer(module)
+    tokenizer = module.family.context_tokenizer
     ids = free.ids[0]
     assert free.context_length == length == len(ids)
     assert free.positions[0].tolist() == list(range(concept_at, length))
@@ -203,7 +203,7 @@ def test_unlearndiffatk_prefixes_are_words_of_the_context_tokenizer(family):
     result = measure_attack("unlearndiffatk", Target(module, ROWS, FAST, 1, evaluator), BUDGET)
     assert result.fields["attacked_images"] == 2 and result.fields["iterations_run"] == 2
     assert evaluator.calls == 3  # before the attack and at both checkpoints
-    tokenizer = context_tokenizer(module)
+    tokenizer = module.family.context_tokenizer
     words = set(word_vocabulary(tokenizer).tolist())
     for prompt, row in zip(result.prompts, ROWS):
         assert prompt.endswith(f" {row.prompt}")
@@ -215,7 +215,7 @@ def test_unlearndiffatk_prefixes_are_words_of_the_context_tokenizer(family):
 def test_unlearndiffatk_searches_the_tables_that_share_the_context_vocabulary(family, searched):
     """SDXL: both CLIP tables hold a row per word; FLUX: T5's, CLIP gets the mean of the word's rows."""
     module = erased(family)
-    tokenizer = context_tokenizer(module)
+    tokenizer = module.family.context_tokenizer
     vocabulary = word_vocabulary(tokenizer)
     tokens = PlaceholderTokens(module.pipeline, "test", 2, "object")
     inside, others = split_tables(tokens, tokenizer, vocabulary)
@@ -241,7 +241,7 @@ def test_t5_word_vocabulary_is_its_whole_word_pieces():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ring_a_bell_searches_the_context_the_denoiser_reads(family):
     module = erased(family).eval()  # as measure_attack runs attacks
-    tokenizer = context_tokenizer(module)
+    tokenizer = module.family.context_tokenizer
     words = word_vocabulary(tokenizer)
     ids = words[torch.tensor([[3, 40, 7], [5, 6, 8]])]
     with torch.no_grad():
@@ -275,7 +275,7 @@ def test_sd_keeps_its_path(monkeypatch):
     the module's mode untouched by measure_attack (the toy world's published numbers repeat)."""
     pipeline = load_pipeline(TOYWORLD_MODEL)
     module = UCE(pipeline, UCEConfig(), ["circle"]).train()
-    tokenizer = context_tokenizer(module)
+    tokenizer = module.family.context_tokenizer
     assert tokenizer is pipeline.tokenizer and len(text_encoders(pipeline)) == 1
     assert all(name.endswith("</w>") for name in tokenizer.convert_ids_to_tokens(word_vocabulary(tokenizer).tolist()))
     free = FreeEmbeddings(module, ["a red circle"], ["circle"], "concept+end")
