@@ -285,11 +285,13 @@ def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict,
         "repeated, no instruction). `negative_prompt` leaves the conditional text unchanged and has no entry.", "",
         comparison.markdown_table(analysis["similarity"], text_columns), "",
         "## Cross-attention mass on the concept tokens", "",
-        "Softmax attention of every `attn2` layer on the concept's token positions (all occurrences in the prompt "
-        "the model receives), averaged over heads and spatial positions, conditional branch, per DDIM step; "
-        "AUC over the normalised step axis; delta = AUC minus the plain prompt's on the base model.", "",
-        comparison.markdown_table(analysis["auc"], ["concept", "curve", "auc", "delta_auc"]), "",
-        *[f"![attention {c}]({chart})" for c, chart in analysis["charts"].items()], "",
+        *(["Softmax attention of every `attn2` layer on the concept's token positions (all occurrences in the "
+           "prompt the model receives), averaged over heads and spatial positions, conditional branch, per DDIM "
+           "step; AUC over the normalised step axis; delta = AUC minus the plain prompt's on the base model.", "",
+           comparison.markdown_table(analysis["auc"], ["concept", "curve", "auc", "delta_auc"]), "",
+           *[f"![attention {c}]({chart})" for c, chart in analysis["charts"].items()], ""]
+          if analysis["auc"] else
+          ["Not measured: this model has no cross-attention (FLUX reads text and image in one joint attention).", ""]),
         "## Samples", "", "Rows: methods; columns: prompts (target then retained), one seed each.", "",
         "![grid](grid.png)", "",
     ]

@@ -301,7 +301,9 @@ class Flux(Family):
 
     def describe_sampler(self, sampler) -> str:
         guidance = "embedded guidance" if self.distilled else "true classifier-free guidance"
-        return f"Euler (FluxPipeline's shifted flow-matching schedule), {sampler.steps} steps, {guidance}"
+        config = self.pipeline.scheduler.config
+        shift = "shifted by the token count" if config.get("use_dynamic_shifting") else f"shift {config.get('shift', 1.0)}"
+        return f"Euler (FluxPipeline's flow-matching schedule, {shift}), {sampler.steps} steps, {guidance}"
 
     def guided(self, predict, latents, t, condition, unconditional, guidance):
         """Distilled: one prediction at guidance embedding ``guidance``; otherwise true CFG."""

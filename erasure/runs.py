@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,7 +189,12 @@ def train(config: DictConfig) -> Path:
     last = output / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
     try:
-        trainer.fit(module, ckpt_path=str(last) if config.resume else None, weights_only=True)
+        with warnings.catch_warnings():  # with an exception checkpoint registered, Lightning reads ckpt_path=None
+            # as "last" and warns twice that there is none: a fresh run's new directory has none by construction
+            warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model")
+            warnings.filterwarnings("ignore", message=r".*is set, but there is no last checkpoint available")
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen parts, by design
+            trainer.fit(module, ckpt_path=str(last) if config.resume else None, weights_only=True)
     except SIGTERMException:
         raise Interrupted(f"terminated at step {trainer.global_step}; continue with resume=true output_dir={output}") from None
     if not trainer.is_global_zero:

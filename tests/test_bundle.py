@@ -1,10 +1,10 @@
 import shutil
 
 import pytest
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, T5EncoderModel
 
-from erasure.bundle import TOYWORLD_MODEL, ModelLoadError, load_pipeline
+from erasure.bundle import TOYWORLD_FLUX_MODEL, TOYWORLD_MODEL, ModelLoadError, load_pipeline
 
 
 def test_shipped_toy_model_loads_with_plain_diffusers_offline(monkeypatch):
@@ -14,6 +14,15 @@ def test_shipped_toy_model_loads_with_plain_diffusers_offline(monkeypatch):
     assert isinstance(pipeline.unet, UNet2DConditionModel) and isinstance(pipeline.vae, AutoencoderKL)
     assert isinstance(pipeline.text_encoder, CLIPTextModel)
     assert any(name.endswith("attn2.to_k") for name, _ in pipeline.unet.named_modules())
+
+
+def test_shipped_flux_toy_model_loads_with_plain_diffusers_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipeline = FluxPipeline.from_pretrained(TOYWORLD_FLUX_MODEL)
+    assert isinstance(pipeline.transformer, FluxTransformer2DModel) and isinstance(pipeline.vae, AutoencoderKL)
+    assert isinstance(pipeline.text_encoder, CLIPTextModel) and isinstance(pipeline.text_encoder_2, T5EncoderModel)
+    assert pipeline.transformer.config.joint_attention_dim == pipeline.text_encoder_2.config.d_model
+    assert any(name.endswith("attn.add_k_proj") for name, _ in pipeline.transformer.named_modules())
 
 
 def test_shipped_weights_are_safetensors_and_small():

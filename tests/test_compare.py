@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from erasure.architectures import build_random_flux_pipeline
 from erasure.compare import main
 from erasure.train import main as train
 
@@ -45,6 +46,21 @@ def test_compare_runs_new_recipes_and_reuses_finished_runs(tmp_path, uce_run, ca
     # a second call reuses everything in the comparison directory
     assert main([f"recipes=[instruction,{uce_run}]", "templates=[explicit]", f"output_dir={output}", *SMALL]) == 0
     assert "[1/2] instruction-explicit: reusing" in capsys.readouterr().out
+
+
+def test_a_flux_comparison_says_why_it_has_no_cross_attention_analysis(tmp_path):
+    """FLUX reads text in joint attention: the report says the attention section is not measured, and its
+    protocol names FLUX's sampler, not an empty table under a DDIM heading."""
+    pipeline = build_random_flux_pipeline(small=True)
+    pipeline.tokenizer_2.model_max_length = 16  # the real 512 T5 tokens only slow the test down
+    pipeline.save_pretrained(tmp_path / "flux", safe_serialization=True)
+    output = tmp_path / "comparison"
+    assert main(["recipes=[instruction]", "templates=[explicit]", f"model={tmp_path / 'flux'}", "model.resolution=64",
+                 f"output_dir={output}", *SMALL]) == 0
+    report = (output / "report.md").read_text()
+    assert "Not measured: this model has no cross-attention" in report and "| concept | curve |" not in report
+    assert "sampler: Euler (FluxPipeline's flow-matching schedule, shifted by the token count)" in report
+    assert "| instruction-explicit |" in report and (output / "grid.png").is_file()
 
 
 def test_runs_with_different_protocols_are_refused(tmp_path, uce_run, capsys):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from erasure.bundle import TOYWORLD_FLUX_MODEL, load_pipeline
 from erasure.generation import Sampler, generate, to_unit_range
 from erasure.toyworld.classifier import predict
 from erasure.toyworld.world import ATTRIBUTES
@@ -23,12 +24,15 @@ def test_prompts_and_seeds_must_pair_up(toy_pipeline):
         generate(toy_pipeline, ["a red circle"], [0, 1], FAST)
 
 
-def test_shipped_model_draws_what_it_is_asked(toy_pipeline, toy_classifier):
-    """A small behavioural check of the shipped weights (the full measurement is erasure.toyworld.quality)."""
+@pytest.mark.parametrize("model", ["toyworld", "toyworld-flux"])
+def test_shipped_model_draws_what_it_is_asked(model, toy_pipeline, toy_classifier):
+    """A small behavioural check of each shipped model's weights (the full measurement is
+    erasure.toyworld.quality, with the model's name as --model)."""
+    pipeline = toy_pipeline if model == "toyworld" else load_pipeline(TOYWORLD_FLUX_MODEL)
     combos = [("red", "circle"), ("blue", "square"), ("yellow", "star"), ("green", "heart"), ("purple", "cross"),
               ("orange", "triangle")]
     prompts = [f"a {color} {shape}" for color, shape in combos for _ in range(2)]
-    images = generate(toy_pipeline, prompts, list(range(len(prompts))), Sampler())
+    images = generate(pipeline, prompts, list(range(len(prompts))), Sampler())
     predicted = predict(toy_classifier, to_unit_range(images))
     for name, index in (("color", 0), ("shape", 1)):
         truth = torch.tensor([ATTRIBUTES[name].index(combo[index]) for combo in combos for _ in range(2)])

@@ -2,7 +2,8 @@
 
     python -m erasure.toyworld.pretrain                 # full run (about 1.5-2 h on a 2-core CPU)
     python -m erasure.toyworld.pretrain family=flux     # the FLUX-format model beside it (--family flux)
-    python -m erasure.toyworld.pretrain family=flux --flow-steps 9600   # ... continued as shipped
+    python -m erasure.toyworld.pretrain family=flux --flow-steps 9600   # ... continued, then
+    python -m erasure.toyworld.pretrain family=flux --flow-steps 15000  # ... to the shipped 15,000
     python -m erasure.toyworld.pretrain --quick --output /tmp/toy   # smoke run, < 2 min
     python -m erasure.toyworld.pretrain --init checkpoints/toyworld-v1 --unet-steps 5000 --lr 5e-4 \
         --output checkpoints/toyworld        # continue a shipped model on today's caption grammar
@@ -23,7 +24,7 @@ writes ``<output>/flux`` and ``<output>/pretrain_flux.json``: the VAE, the class
 CLIP text encoder are the SD model's in ``--init`` (default: the shipped ``checkpoints/toyworld``),
 the stage ``flow`` trains the transformer, a new T5 encoder and the CLIP encoder jointly with the
 rectified-flow objective (:class:`FlowMatchingTraining`). A larger ``--flow-steps`` continues a
-finished stage from ``<work>/flow/last.ckpt`` (the shipped model: 6,000 steps continued to 9,600),
+finished stage from ``<work>/flow/last.ckpt`` (the shipped model: 6,000 steps continued to 9,600, then to 15,000),
 and the record then keeps the earlier run's (``continues``) and the total time (``seconds_total``).
 
 With ``--init <folder>`` (a folder holding ``sd`` and ``classifier``, as ``--output`` writes it)
