@@ -177,20 +177,27 @@ def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, g
     suites = {suite: load_csv(first.path / "prompts" / f"{suite}.csv") for suite in ("target", "retained")}
     instruction = next((r.config.method for _, r, _ in runs if r.config.method.name == "instruction"), None)
     templates = dict(instruction.templates) if instruction else load_config(["recipe=instruction"]).method.templates
-    similarity_rows, attention_rows, auc_rows, charts = [], [], [], {}
+    similarity_rows, attention_rows, auc_rows, charts, skipped = [], [], [], {}, []
+
+    def skip(reason: str) -> None:  # an analysis left out: said on the console and in the report
+        print(reason, flush=True)
+        skipped.append(reason)
+
+    cross_attention = hasattr(base, "unet")
+    if not cross_attention:
+        skip("Not measured: this model has no cross-attention (FLUX reads text and image in one joint attention)")
     for concept in config.concept:
         # the analyses follow the concept's tokens: prompts that do not spell it (e.g. "nudity") are left out
         rows = [r for r in suites["target"]
                 if r.concept == concept and concept_positions(base.tokenizer, r.prompt, word(concept))]
         if not rows:
-            print(f"no target prompt spells '{concept}': no text or attention analysis for it", flush=True)
+            skip(f"no target prompt spells '{concept}': no text or attention analysis for it")
             continue
         prompts, seeds = [r.prompt for r in rows], [r.evaluation_seed for r in rows]
         for name, values in template_similarities(base, prompts, concept, templates).items():
             rounded = {k: round(v, 4) for k, v in values.items()}
             similarity_rows.append({"concept": concept, "template": name, **rounded})
-        if not hasattr(base, "unet"):
-            print("FLUX attends to text and image in one joint attention: no cross-attention analysis", flush=True)
+        if not cross_attention:
             continue
         curves = {"plain prompt": attention_curve(base, prompts, seeds, sampler, concept)}
         for name, template in templates.items():
@@ -226,7 +233,7 @@ def analyse(runs: list[tuple[str, Run, Path]], output: Path, sampler: Sampler, g
     images = [generate(base, grid_text, grid_seeds, sampler)]
     images += [run.module.generate(grid_text, grid_seeds, sampler) for _, run, _ in runs]
     image_grid(labels, [list(row) for row in images], output / "grid.png", headers=grid_text)
-    return {"similarity": similarity_rows, "auc": auc_rows, "charts": charts}
+    return {"similarity": similarity_rows, "auc": auc_rows, "charts": charts, "skipped": skipped}
 
 
 def attack_settings(options: DictConfig) -> tuple[list[str], AttackConfig]:
@@ -289,9 +296,8 @@ def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict,
            "prompt the model receives), averaged over heads and spatial positions, conditional branch, per DDIM "
            "step; AUC over the normalised step axis; delta = AUC minus the plain prompt's on the base model.", "",
            comparison.markdown_table(analysis["auc"], ["concept", "curve", "auc", "delta_auc"]), "",
-           *[f"![attention {c}]({chart})" for c, chart in analysis["charts"].items()], ""]
-          if analysis["auc"] else
-          ["Not measured: this model has no cross-attention (FLUX reads text and image in one joint attention).", ""]),
+           *[f"![attention {c}]({chart})" for c, chart in analysis["charts"].items()], ""] if analysis["auc"] else []),
+        *[f"- {reason}" for reason in analysis["skipped"]], "",
         "## Samples", "", "Rows: methods; columns: prompts (target then retained), one seed each.", "",
         "![grid](grid.png)", "",
     ]

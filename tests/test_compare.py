@@ -94,4 +94,5 @@ def test_prompts_that_do_not_spell_the_concept_skip_the_analyses(tmp_path, capsy
     assert list((output / "launcher").glob("*_log.out"))  # submitit's log of the job
     assert "no target prompt spells 'circle': no text or attention analysis for it" in capsys.readouterr().out
     assert (output / "report.md").is_file() and (output / "grid.png").is_file()
+    assert "- no target prompt spells 'circle'" in (output / "report.md").read_text()  # the report says why, too
     assert not (output / "attention_circle.png").exists()
