@@ -11,7 +11,7 @@ embeddings are cached, as ``EraserModule.encode`` caches them):
 * ``flux_lora``: the FLUX.1-dev transformer (``flux.json``) with the LoRA eraser's adapter (rank 4,
   the default) on every joint-attention projection; 512 T5 tokens and 4096 image tokens.
 
-One step is what ``erasure.methods.esd.bank_loss`` runs: the three frozen predictions (concept,
+One step is what ``erasure.methods.esd.esd_loss`` runs with the x_t bank: the three frozen predictions (concept,
 empty prompt and, with ``erase_from``, the trained prompt: the worst case; without it there are
 two) as one no-grad forward of batch 3 through ``torch.func.functional_call`` with the saved
 original tensors, then one trained forward and its backward, then the optimizer step. Before the

@@ -91,8 +91,10 @@ def test_a_model_preset_sets_what_the_recipe_leaves_to_it():
     """ESD's eta is left to the preset: the FLUX toy model's tuned values reach the method, the SD toy
     model keeps the method's default (the paper's eta = 1)."""
     flux = load_config(["recipe=esd", "model=toyworld-flux"])
-    assert flux.model.preset == "toyworld-flux" and flux.method.eta == 6.0 and flux.method.train_method == "esd-x"
+    assert flux.model.preset == "toyworld-flux" and flux.method.eta == 4.0 and flux.method.train_method == "esd-x"
     assert flux.sources["method.eta"] == "model preset toyworld-flux"
+    assert flux.method.retain_loss_w == 5.0 and flux.method.retain == ["square", "triangle", "star", "heart", "cross"]
     assert load_config(["recipe=lora", "model=toyworld-flux"]).method.eta == 4.0
     sd = load_config(["recipe=esd"])
     assert sd.method.eta == 1.0 and sd.sources["method.eta"] == "method default"
+    assert sd.method.retain_loss_w == 0.0  # ESD as published: no retain term

@@ -50,7 +50,7 @@ per-layer text-encoder subsets.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,14 +58,16 @@ import torch
 from erasure import layers
 from erasure.losses import LOSSES
 from erasure.methods.base import EraserModule, MethodConfig
-from erasure.methods.esd import esd_target, timestep_window
+from erasure.methods.esd import (
+    RetainOptions, check_retain, draw_retain_prompts, esd_target, retain_loss, timestep_window,
+)
 from erasure.weights import TEXT_ENCODER_PREFIX
 
 TRAIN_METHODS = ("text_encoder_full", "xattn")
 
 
 @dataclass
-class AdvUnlearnConfig(MethodConfig):
+class AdvUnlearnConfig(RetainOptions, MethodConfig):
     name: str = "advunlearn"
     train_method: str = "text_encoder_full"  # text_encoder_full (reference) | xattn (UNet attn2, ESD-x)
     lr: float = 1e-5  # reference
@@ -73,8 +75,6 @@ class AdvUnlearnConfig(MethodConfig):
     eta: float = 1.0  # negative guidance (reference negative_guidance 1)
     ddim_steps: int = 50  # reference
     sample_guidance: float = 3.0  # reference start_guidance 3
-    prompt_template: str = "{concept}"
-    retain: list[str] = field(default_factory=list)  # concepts to keep; the erased ones are dropped
     retain_batch: int = 5  # retain prompts per step (reference 5)
     retain_loss_w: float = 0.3  # lambda (reference README commands 0.3; argument default 1.0)
     warmup_iter: int = 200  # steps without attack (reference 200)
@@ -102,14 +102,10 @@ class AdvUnlearn(EraserModule):
     def check(cls, config: AdvUnlearnConfig, concepts: Sequence[str]) -> None:
         if config.attack_lr <= 0:
             raise ValueError(f"method.attack_lr must be positive, got {config.attack_lr}")
-        if config.retain_loss_w < 0:
-            raise ValueError(f"method.retain_loss_w must be 0 or more, got {config.retain_loss_w}")
-        for key in ("adv_prompt_num", "attack_step", "adv_prompt_update_step", "retain_batch"):
+        for key in ("adv_prompt_num", "attack_step", "adv_prompt_update_step"):
             if getattr(config, key) < 1:
                 raise ValueError(f"method.{key} must be at least 1, got {getattr(config, key)}")
-        if config.retain_loss_w > 0 and not [c for c in config.retain if c not in concepts]:
-            raise ValueError("method.retain names no concept to keep; AdvUnlearn's utility term needs some "
-                             "(method.retain=[a,b]) or method.retain_loss_w=0")
+        check_retain(config, concepts)
 
     # ----- what is trained ---------------------------------------------------------------
     def trained_layers(self) -> layers.Region | None:
@@ -122,9 +118,6 @@ class AdvUnlearn(EraserModule):
                 if "embeddings" not in name.split(".")}
 
     # ----- prompts ------------------------------------------------------------------------
-    def retain_prompts(self) -> list[str]:
-        return [self.config.prompt_template.format(concept=c) for c in self.config.retain if c not in self.concepts]
-
     def random_tokens(self, generator: torch.Generator) -> torch.Tensor:
         """k rows of the token table drawn uniformly (the attack's random start)."""
         table = self.text_encoder.get_input_embeddings().weight
@@ -195,11 +188,6 @@ class AdvUnlearn(EraserModule):
         self.adversarial_tokens = tokens.detach()
         return losses
 
-    def retain_loss(self, prompts: Sequence[str], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """L(eps_theta(x_t^r, c_r, t), eps*(x_t^r, c_r, t)) over the retain prompts c_r."""
-        target = self.predict_frozen(latents, t, self.encode_frozen(prompts))
-        return self.loss(self.predict(latents, t, self.encode(prompts)), target)
-
     def objective(self) -> torch.Tensor:
         config = self.config
         generator = self.step_generator()
@@ -222,10 +210,9 @@ class AdvUnlearn(EraserModule):
         self.log("train/unlearn_loss", unlearn.detach())
         if config.retain_loss_w == 0:
             return unlearn
-        kept = self.retain_prompts()
-        prompts = [kept[int(i)] for i in torch.randint(len(kept), (config.retain_batch,), generator=generator)]
+        prompts = draw_retain_prompts(config, self.concepts, generator)
         retain_latents, retain_t = self.noisy_latents(self.encode_frozen(prompts), stop, timestep, generator)
-        retain = self.retain_loss(prompts, retain_latents, retain_t)
+        retain = retain_loss(self, prompts, retain_latents, retain_t)
         self.log("train/retain_loss", retain.detach())
         return unlearn + config.retain_loss_w * retain
 

@@ -52,6 +52,19 @@ model (FLUX.1-dev) every prediction is at the same guidance embedding (``erasure
 ``window`` query timestep is DDPM's, so it is refused for FLUX. On SDXL eps*(x_t, t) is the
 pipeline's unconditional prediction (zero conditioning; ``force_zeros_for_empty_prompt``).
 
+The retain term (``retain_loss_w`` = lambda > 0; 0 by default: ESD as published has none) adds
+
+    lambda * E_{c_r ~ R} L(eps_theta(x_t^r, c_r, t), eps*(x_t^r, c_r, t))
+
+for ``retain_batch`` prompts c_r drawn uniformly from R (``retain``, the concepts to keep written with
+``prompt_template``; the erased ones are dropped), x_t^r sampled from c_r as x_t is from c (the
+same number of sampling steps; with the bank, from c_r's own trajectories): the utility term of
+AdvUnlearn (Zhang et al., NeurIPS 2024, ``erasure.methods.advunlearn``). It pins the predictions
+on the retained prompts where erasing one concept moves its neighbours too. ``retain_empty`` adds
+the empty prompt to R, as UCE's paper code preserves "": sampling with classifier-free guidance w
+reads w eps(c) - (w - 1) eps(""), so a drift of the unconditional prediction reaches every prompt
+(w - 1) times over.
+
 Parameter sets (``train_method``): ``esd-x`` all cross-attention (attn2) projections,
 ``esd-x-strict`` only attn2.to_k/to_v, ``esd-u`` every Linear/Conv2d outside attn2,
 ``esd-all`` every Linear/Conv2d. On FLUX (``erasure.layers``): ``esd-x`` every joint-attention
@@ -61,7 +74,8 @@ outside attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,7 +93,18 @@ TRAIN_METHODS = {
 
 
 @dataclass
-class ESDConfig(MethodConfig):
+class RetainOptions:
+    """The retain term's options (ESD's and the LoRA eraser's, off by default; AdvUnlearn's utility term)."""
+
+    retain: list[str] = field(default_factory=list)  # concepts to keep; the erased ones are dropped
+    retain_batch: int = 5  # retain prompts per step
+    retain_loss_w: float = 0.0  # lambda of the retain term (0: none)
+    retain_empty: bool = False  # also keep the empty prompt's prediction (the unconditional branch of guidance)
+    prompt_template: str = "{concept}"
+
+
+@dataclass
+class ESDConfig(RetainOptions, MethodConfig):
     name: str = "esd"
     train_method: str = "esd-x"
     eta: float = 1.0  # negative guidance, paper convention
@@ -90,7 +115,6 @@ class ESDConfig(MethodConfig):
     sample_from: str = "trained"  # trained (paper) | frozen (later diffusers code; the recipes' default)
     query_timestep: str = "ddim"  # ddim (later diffusers code) | window (CompVis code)
     erase_from: str | None = None
-    prompt_template: str = "{concept}"
     xt_bank: int = 0  # 0: x_t sampled afresh every step (paper); N: from a bank of N trajectories per concept (recipes: 16)
     xt_bank_refresh: int = 0  # re-sample the bank every N steps (0: never; sample_from=frozen never needs it)
 
@@ -112,6 +136,10 @@ class ESD(EraserModule):
         super().__init__(*args, **kwargs)
         check_family(self, self.config)
 
+    @classmethod
+    def check(cls, config: ESDConfig, concepts: Sequence[str]) -> None:
+        check_retain(config, concepts)
+
     def trained_layers(self) -> layers.Region:
         return TRAIN_METHODS[self.config.train_method]
 
@@ -126,8 +154,39 @@ def check_family(module: EraserModule, config: ESDConfig) -> None:
                          "use method.query_timestep=ddim (the sampler's own timestep)")
 
 
+def check_retain(config: RetainOptions, concepts: Sequence[str]) -> None:
+    """Refuse a retain term without a concept to keep, or with a negative weight (one line, with the fix)."""
+    if config.retain_loss_w < 0:
+        raise ValueError(f"method.retain_loss_w must be 0 or more, got {config.retain_loss_w}")
+    if config.retain_batch < 1:
+        raise ValueError(f"method.retain_batch must be at least 1, got {config.retain_batch}")
+    if config.retain_loss_w > 0 and not retain_prompts(config, concepts):
+        raise ValueError("method.retain names no concept to keep; the retain term needs some "
+                         "(method.retain=[a,b], method.retain_empty=true) or method.retain_loss_w=0")
+
+
+def retain_prompts(config: RetainOptions, concepts: Sequence[str]) -> list[str]:
+    """The retain set R: ``config.retain`` but the erased ``concepts``, written with the prompt template,
+    and "" with ``retain_empty``."""
+    kept = [config.prompt_template.format(concept=c) for c in config.retain if c not in concepts]
+    return kept + [""] if config.retain_empty else kept
+
+
+def draw_retain_prompts(config: RetainOptions, concepts: Sequence[str], generator: torch.Generator) -> list[str]:
+    """``retain_batch`` prompts drawn uniformly, with replacement, from the retain set."""
+    kept = retain_prompts(config, concepts)
+    return [kept[int(i)] for i in torch.randint(len(kept), (config.retain_batch,), generator=generator)]
+
+
+def retain_loss(module: EraserModule, prompts: Sequence[str], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """L(eps_theta(x_t^r, c_r, t), eps*(x_t^r, c_r, t)) over the retain prompts c_r (zero at the original weights)."""
+    target = module.predict_frozen(latents, t, module.encode_frozen(prompts))
+    return module.loss(module.predict(latents, t, module.encode(prompts)), target)
+
+
 def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
-    """One ESD step's loss for ``module`` (an ESD or a LoRA eraser with the ESD objective)."""
+    """One ESD step's loss for ``module`` (an ESD or a LoRA eraser with the ESD objective), with the
+    retain term when ``retain_loss_w`` > 0."""
     generator = module.step_generator()
     concept = module.concepts[int(torch.randint(len(module.concepts), (1,), generator=generator))]
     prompt = config.prompt_template.format(concept=concept)
@@ -136,19 +195,45 @@ def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
     trained_embeds = module.encode([trained_prompt] * config.batch_size)
     null_embeds = module.encode([""] * config.batch_size)
     if config.xt_bank:
-        return bank_loss(module, config, trained_prompt, concept_embeds, trained_embeds, null_embeds, generator)
+        latents, t = banked_xt(module, config, trained_prompt, config.batch_size, generator)
+        conditions = [concept_embeds, null_embeds, *([trained_embeds] if config.erase_from else [])]
+        frozen = module.predict_frozen(latents.repeat(len(conditions), 1, 1, 1), t.repeat(len(conditions)),
+                                       Conditioning.cat(conditions)).chunk(len(conditions))
+        eps_concept, eps_null = frozen[0], frozen[1]
+        eps_from = frozen[2] if config.erase_from else eps_concept
+    else:
+        stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
+        latents, t = sampled_xt(module, config, trained_embeds, stop, generator)
+        eps_concept = module.predict_frozen(latents, t, concept_embeds)
+        eps_null = module.predict_frozen(latents, t, null_embeds)
+        eps_from = module.predict_frozen(latents, t, trained_embeds) if config.erase_from else eps_concept
+    target = esd_target(eps_from, eps_concept, eps_null, config.eta)
+    erase = module.loss(module.predict(latents, t, trained_embeds), target)
+    if not config.retain_loss_w:
+        return erase
 
-    stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
-    latents, t = module.sample_until(trained_embeds, stop, config.ddim_steps, config.sample_guidance, generator,
+    prompts = draw_retain_prompts(config, module.concepts, generator)
+    if config.xt_bank:
+        drawn = [banked_xt(module, config, p, 1, generator) for p in prompts]
+        retain_latents, retain_t = torch.cat([x for x, _ in drawn]), torch.cat([t for _, t in drawn])
+    else:
+        retain_latents, retain_t = sampled_xt(module, config, module.encode(prompts), stop, generator)
+    retain = retain_loss(module, prompts, retain_latents, retain_t)
+    module.log("train/erase_loss", erase.detach())
+    module.log("train/retain_loss", retain.detach())
+    return erase + config.retain_loss_w * retain
+
+
+def sampled_xt(module: EraserModule, config: ESDConfig, condition: Conditioning, stop: int,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, t): ``stop`` guided sampling steps from noise with ``condition`` (the model ``sample_from``
+    names), and the query timestep (``query_timestep``)."""
+    latents, t = module.sample_until(condition, stop, config.ddim_steps, config.sample_guidance, generator,
                                      frozen=config.sample_from == "frozen")
     if config.query_timestep == "window":
         low, high = timestep_window(stop, config.ddim_steps, module.family.num_train_timesteps)
         t = torch.randint(low, high, t.shape, generator=generator).to(t.device)
-    eps_concept = module.predict_frozen(latents, t, concept_embeds)
-    eps_null = module.predict_frozen(latents, t, null_embeds)
-    eps_from = module.predict_frozen(latents, t, trained_embeds) if config.erase_from else eps_concept
-    target = esd_target(eps_from, eps_concept, eps_null, config.eta)
-    return module.loss(module.predict(latents, t, trained_embeds), target)
+    return latents, t
 
 
 class TrajectoryBank:
@@ -169,30 +254,24 @@ class TrajectoryBank:
         return self.trajectories[prompt]
 
 
-def bank_loss(module: EraserModule, config: ESDConfig, trained_prompt: str, concept_embeds: Conditioning,
-              trained_embeds: Conditioning, null_embeds: Conditioning, generator: torch.Generator) -> torch.Tensor:
-    """ESD's loss on x_t drawn from the module's trajectory bank (see the module docstring)."""
+def banked_xt(module: EraserModule, config: ESDConfig, prompt: str, count: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` (x_t, t) drawn from the prompt's trajectories in the module's bank (see the module
+    docstring): uniform (trajectory, step) pairs, each with its own query timestep."""
     step = module.global_step
     bank = getattr(module, "trajectory_bank", None)
     refresh = config.xt_bank_refresh
     if bank is None or (refresh and step - bank.sampled_at >= refresh):
         bank = module.trajectory_bank = TrajectoryBank(step - step % refresh if refresh else 0)
-    trajectories, timesteps = bank.get(module, config, trained_prompt)
-    which = torch.randint(config.xt_bank, (config.batch_size,), generator=generator)
-    stops = torch.randint(config.ddim_steps, (config.batch_size,), generator=generator)
+    trajectories, timesteps = bank.get(module, config, prompt)
+    which = torch.randint(config.xt_bank, (count,), generator=generator)
+    stops = torch.randint(config.ddim_steps, (count,), generator=generator)
     latents, t = trajectories[which, stops], timesteps[stops]
     if config.query_timestep == "window":
         windows = [timestep_window(int(k), config.ddim_steps, module.family.num_train_timesteps)
                    for k in stops]
         t = torch.tensor([int(torch.randint(low, high, (1,), generator=generator)) for low, high in windows])
-    t = t.to(module.device)
-    conditions = [concept_embeds, null_embeds, *([trained_embeds] if config.erase_from else [])]
-    frozen = module.predict_frozen(latents.repeat(len(conditions), 1, 1, 1), t.repeat(len(conditions)),
-                                   Conditioning.cat(conditions)).chunk(len(conditions))
-    eps_concept, eps_null = frozen[0], frozen[1]
-    eps_from = frozen[2] if config.erase_from else eps_concept
-    target = esd_target(eps_from, eps_concept, eps_null, config.eta)
-    return module.loss(module.predict(latents, t, trained_embeds), target)
+    return latents, t.to(module.device)
 
 
 def timestep_window(stop: int, steps: int, num_train_timesteps: int) -> tuple[int, int]:

@@ -11,7 +11,8 @@ add_k_proj/add_v_proj), and the file holds ``transformer.*`` keys as FluxPipelin
 The adapter adds B A x (scaled by alpha / rank) to each targeted projection W x, with B
 initialised to zero, so the untrained adapter *is* the original model: the frozen reference
 predictions of the base class (the original values of the trained tensors, i.e. B = 0) need no
-second UNet. The objective is ESD's (``objective=esd``, default; see ``erasure.methods.esd``)
+second UNet. The objective is ESD's (``objective=esd``, default; see ``erasure.methods.esd``, with its
+optional retain term)
 or Concept Ablation's (``objective=ablation``; see ``erasure.methods.ablation``), with either
 method's options. With ``objective=ablation`` the adapter is optimised as Concept Ablation's
 reference codes optimise (``optimizer``, ``weight_decay``, ``max_grad_norm``, ``scale_lr``); with
@@ -37,7 +38,7 @@ from erasure.methods.ablation import (
     ABLATION_CHOICES, ANCHORS_FILE, AblationConfig, Anchors, ablation_loss, ablation_optimizer, check_anchor,
 )
 from erasure.methods.base import EraserModule
-from erasure.methods.esd import ESD_CHOICES, ESDConfig, esd_loss
+from erasure.methods.esd import ESD_CHOICES, ESDConfig, check_retain, esd_loss
 from erasure.weights import DeltaError
 
 ADAPTER = "eraser"
@@ -64,8 +65,12 @@ class LoRA(EraserModule):
 
     @classmethod
     def check(cls, config: LoRAConfig, concepts) -> None:
+        check_retain(config, concepts)
         if config.objective == "ablation":
             check_anchor(config, concepts)
+            if config.retain_loss_w:
+                raise ValueError("method.retain_loss_w weighs the ESD objective's retain term; Concept Ablation keeps "
+                                 "through its anchor: use method.objective=esd or method.retain_loss_w=0")
 
     def select_trainable(self) -> dict[str, torch.nn.Parameter]:
         denoiser = self.family.denoiser

@@ -123,6 +123,8 @@ class ToyWorld(Protocol):
         "rece": {"method": {"guide": ["a shape"], "preserve": CONCEPTS, "prompt_template": "a {concept}"}},  # UCE's
         # TIME: token-aligned source "a {concept}" and destination "a square"
         "time": {"method": {"guide": ["a square"], "prompt_template": "a {concept}"}},
+        # ESD and the LoRA eraser: their retain term (off unless method.retain_loss_w > 0) keeps the other
+        # concepts of the erased concepts' attributes (derived_defaults: circle keeps the other shapes).
         # AdvUnlearn: its utility term keeps every other toy-world concept (the erased ones are dropped)
         "advunlearn": {"method": {"retain": CONCEPTS, "prompt_template": "a {concept}"}},
         # SLD: the safety concept in the toy world's phrasing ("a circle"), as ESD's prompt
@@ -131,10 +133,16 @@ class ToyWorld(Protocol):
 
     def derived_defaults(self, recipe: str, config: DictConfig) -> dict:
         method = config.get("method") or {}
+        derived = {}
         anchor = method.get("anchor")
         if recipe in ("ablation", "lora") and anchor in CONCEPTS:  # the toy world's prompts naming the anchor
-            return {"method": {"anchor_prompts": prompts_naming(anchor)}}
-        return {}
+            derived["anchor_prompts"] = prompts_naming(anchor)
+        if recipe in ("esd", "lora"):  # the retain term (when weighted) keeps the erased concepts' neighbours
+            concepts = config.get("concept")
+            concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
+            derived["retain"] = list(dict.fromkeys(c for concept in concepts if concept in CONCEPTS
+                                                   for c in ATTRIBUTES[attribute_of(concept)] if c not in concepts))
+        return {"method": derived} if derived else {}
 
     def check_method(self, recipe: str, method: DictConfig, concepts: Sequence[str]) -> None:
         """Concept Ablation's anchor must be a concept of the erased concepts' attribute (a shape for a

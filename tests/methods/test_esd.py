@@ -5,7 +5,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
-from erasure.methods.esd import ESD, ESDConfig, esd_loss, esd_target, timestep_window
+from erasure.methods.esd import ESD, ESDConfig, banked_xt, esd_loss, esd_target, timestep_window
+from tests.methods import assert_bad_setting
 
 
 def test_esd_target_is_the_papers_formula_with_eta():
@@ -167,3 +168,65 @@ def test_bank_steps_draw_from_the_bank_and_resample_only_when_due():
                  if torch.equal(trajectories[i, k], seen["latents"][j]) and int(timesteps[k]) == int(seen["t"][j])]
         assert torch.isfinite(loss) and len(drawn) >= 3  # each sample of the batch is a bank latent at its timestep
     assert banks[0] is banks[1] and banks[1] is not banks[2] and banks[2] is banks[3] and banks[4] is not banks[3]
+
+
+# ----- the retain term ------------------------------------------------------------------------------
+def step_loss(module: ESD, retain_loss_w: float, step: int = 0) -> float:
+    """The ESD loss of step ``step`` with the retain weight ``retain_loss_w`` (no gradients)."""
+    module.config.retain_loss_w = retain_loss_w
+    module._trainer = SimpleNamespace(global_step=step, world_size=1, global_rank=0)  # a step counter
+    with torch.no_grad():
+        return float(esd_loss(module, module.config))
+
+
+@pytest.mark.parametrize("xt_bank", [0, 2])
+def test_the_retain_term_is_zero_at_the_original_weights_and_adds_lambda_times_the_kept_prompts_drift(xt_bank):
+    module = make("esd-x", ddim_steps=5, batch_size=2, xt_bank=xt_bank, sample_from="frozen", retain_batch=3,
+                  retain=["square", "star", "circle"], prompt_template="a {concept}")
+    module.log = lambda *args, **kwargs: None  # logging needs a Trainer; these steps run without one
+    assert step_loss(module, 2.0) == step_loss(module, 0.0)  # the erase term's draws are unchanged; retain adds 0
+    with torch.no_grad():
+        for parameter in module.trained.values():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    erase = step_loss(module, 0.0)
+    once, twice = step_loss(module, 1.0) - erase, step_loss(module, 2.0) - erase
+    assert once > 0 and twice == pytest.approx(2 * once, rel=1e-4)
+
+
+def test_training_with_the_retain_term_moves_the_kept_prompts_less_and_still_erases():
+    """Five ESD-x steps at a high lr, with and without the retain term: the kept prompt "a square" drifts
+    less from the original model with it, and the erased prompt's prediction moves away from the original."""
+    pipeline = load_pipeline(TOYWORLD_MODEL)
+    drift = {}
+    for weight in (0.0, 5.0):
+        module = ESD(pipeline, ESDConfig(lr=1e-2, batch_size=2, ddim_steps=5, xt_bank=2, sample_from="frozen",
+                                         retain=["square"], retain_batch=2, retain_loss_w=weight,
+                                         prompt_template="a {concept}"), ["circle"])
+        module.log = lambda *args, **kwargs: None
+        optimizer = module.configure_optimizers()
+        for step in range(5):
+            module._trainer = SimpleNamespace(global_step=step, world_size=1, global_rank=0)
+            optimizer.zero_grad()
+            esd_loss(module, module.config).backward()
+            optimizer.step()
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for prompt in ("a square", "a circle"):
+                latents, t = banked_xt(module, module.config, prompt, 2, generator)
+                embeds = module.encode([prompt] * 2)
+                drift[weight, prompt] = float(torch.nn.functional.mse_loss(module.predict(latents, t, embeds),
+                                                                           module.predict_frozen(latents, t, embeds)))
+        with torch.no_grad():
+            for name, parameter in module.trained.items():
+                parameter.copy_(module.original[name])  # the next module shares the pipeline
+    assert drift[5.0, "a square"] < 0.5 * drift[0.0, "a square"]
+    assert drift[5.0, "a circle"] > 2 * drift[5.0, "a square"]
+
+
+@pytest.mark.parametrize(("recipe", "arguments", "message"), [
+    ("esd", ["method.retain_loss_w=1", "method.retain=[circle]"], "method.retain names no concept to keep"),
+    ("esd", ["method.retain_loss_w=-1"], "method.retain_loss_w must be 0 or more"),
+    ("lora", ["method.objective=ablation", "method.retain_loss_w=1"], "method.retain_loss_w weighs the ESD objective"),
+])
+def test_a_retain_term_that_cannot_work_is_refused(recipe, arguments, message, tmp_path, capsys):
+    assert_bad_setting(recipe, ["concept=circle", *arguments], message, tmp_path / "run", capsys)
