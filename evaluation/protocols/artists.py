@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from evaluation.protocols.base import Protocol, ProtocolError
+from evaluation.protocols.base import Protocol, ProtocolError, named_concepts
 from evaluation.suites import Prompt
 
 PAINTINGS = ["a painting", "a painting of a landscape", "a painting of a city street", "a portrait painting",
@@ -52,8 +52,7 @@ class Artists(Protocol):
         if not path or not Path(path).is_file():
             return {}
         artists = self.artists(evaluation)
-        concepts = config.get("concept")
-        concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
+        concepts = named_concepts(config)
         derived: dict = {"evaluation": {"clip": {"contrast": artists}}}
         if recipe in ("uce", "rece"):  # preserve the other artists
             derived["method"] = {"preserve": [a for a in artists if a not in concepts]}

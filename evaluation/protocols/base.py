@@ -26,6 +26,12 @@ class ProtocolError(ValueError):
     """A concept, prompt file or setting the protocol cannot evaluate; one line naming the fix."""
 
 
+def named_concepts(config: DictConfig) -> list[str]:
+    """The run's ``concept`` setting as a list (a single word or a list; before validation)."""
+    concepts = config.get("concept")
+    return [concepts] if isinstance(concepts, str) else list(concepts or [])
+
+
 class Protocol:
     name: ClassVar[str]
     summary: ClassVar[str]

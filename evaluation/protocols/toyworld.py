@@ -29,7 +29,7 @@ from erasure.toyworld.captions import prompts_naming, with_article
 from erasure.toyworld.classifier import load_classifier
 from erasure.toyworld.world import ATTRIBUTES, COLORS, SHAPES, STYLES, SYNONYMS, WORDS, attribute_of
 from evaluation.evaluators import EvaluatorError
-from evaluation.protocols.base import Protocol, ProtocolError
+from evaluation.protocols.base import Protocol, ProtocolError, named_concepts
 from evaluation.suites import Prompt
 
 PARAPHRASES = ("", "a picture of ", "an image of ", "a drawing of ")
@@ -138,8 +138,7 @@ class ToyWorld(Protocol):
         if recipe in ("ablation", "lora") and anchor in CONCEPTS:  # the toy world's prompts naming the anchor
             derived["anchor_prompts"] = prompts_naming(anchor)
         if recipe in ("esd", "lora"):  # the retain term (when weighted) keeps the erased concepts' neighbours
-            concepts = config.get("concept")
-            concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
+            concepts = named_concepts(config)
             derived["retain"] = list(dict.fromkeys(c for concept in concepts if concept in CONCEPTS
                                                    for c in ATTRIBUTES[attribute_of(concept)] if c not in concepts))
         return {"method": derived} if derived else {}
