@@ -49,7 +49,7 @@ GRID = [
 ]
 ATTACKS = ("unlearndiffatk", "embedding", "relearn")
 # every method in the loop its step counts were set for: ESD's and its settings' in the paper's (x_t
-# sampled every step by the trained model; the recipe's default is the x_t bank since it was measured)
+# sampled every step by the trained model; the toy preset's default is the x_t bank since it was measured)
 LOOP = {"esd": ["method.sample_from=trained", "method.xt_bank=0"]}
 
 

@@ -15,7 +15,7 @@ One step is what ``erasure.methods.esd.esd_loss`` runs with the x_t bank: the th
 empty prompt and, with ``erase_from``, the trained prompt: the worst case; without it there are
 two) as one no-grad forward of batch 3 through ``torch.func.functional_call`` with the saved
 original tensors, then one trained forward and its backward, then the optimizer step. Before the
-first step the x_t bank is sampled once (``xt_bank=16``, the recipes' default, 50 DDIM steps): a
+first step the x_t bank is sampled once (``xt_bank=16``, the toy presets' default and recipe esd-fast, 50 DDIM steps): a
 no-grad forward of batch 32 on SDXL (classifier-free guidance), 16 on FLUX.1-dev (guidance-distilled);
 the bank stays resident.
 

@@ -32,7 +32,7 @@ import torch
 from evaluation.comparison import markdown_table
 
 STEP_KINDS = ("forward", "esd", "esd-bank", "ablation", "lora", "lora-bank")
-BANK = {"sample_from": "frozen", "xt_bank": 16}  # the x_t bank loop (the recipes' default; see erasure.methods.esd)
+BANK = {"sample_from": "frozen", "xt_bank": 16}  # the x_t bank loop (the toy presets' default and recipe esd-fast; see erasure.methods.esd)
 UCE_COUNTS = (1, 10, 100, 1000)
 
 

@@ -1,14 +1,14 @@
 """Attack a finished erasure run: does the erased concept come back?
 
     python -m erasure.attack run=runs/esd/20261122-101500
-    python -m erasure.attack run=<run dir> attacks=[inversion] attack.steps=400 attack.lr=1e-2
+    python -m erasure.attack run=<run dir> attacks=[inversion] attack.inversion_budget=toy attack.inversion_steps=400
     python -m erasure.attack run=<run dir> attacks=[embedding,relearn] attack.relearn_steps=[0,25,50,100]
     python -m erasure.attack run=<run dir> attacks=[unlearndiffatk,ring_a_bell] attack.ring_a_bell_generations=100
 
 Writes <run>/attacks/<attack>.json (attack success rate next to the unattacked target accuracy,
 the budget, the loss curve; relearn: the rate after each step count and its control's) and
 <run>/attacks/<attack>.png (the attacked prompts' images), and prints a table. The attacks
-(inversion, soft_prompt, unlearndiffatk, ring_a_bell, embedding, relearn; all by default) and
+(inversion, soft_prompt, unlearndiffatk, pez, ring_a_bell, embedding, relearn; all by default) and
 their budgets are described in ``evaluation.attacks``; nothing else in the run directory changes.
 """
 
@@ -50,13 +50,18 @@ def load_attack_config(arguments: list[str]) -> AttackRunConfig:
 def attack_command(arguments: list[str]) -> None:
     config = load_attack_config(arguments)
     results = attack_run(Path(config.run), config.attacks, config.attack)
-    print("| attack | method | target_acc original | target_acc erased | attack success rate [95% CI] | seconds |")
-    print("|---|---|---|---|---|---|")
+    print("| attack | method | target_acc original | target_acc erased | attack success rate [95% CI] | "
+          "random control [95% CI] | seconds |")
+    print("|---|---|---|---|---|---|---|")
     for result in results.values():
         low, high = result["attack_success_rate_ci95"]
+        control = "–"
+        if "random_control_success_rate" in result:
+            c_low, c_high = result["random_control_success_rate_ci95"]
+            control = f"{result['random_control_success_rate']:.2f} [{c_low:.2f}, {c_high:.2f}]"
         print(f"| {result['attack']} | {result['method']} | {result['target_acc_original']:.2f} | "
               f"{result['target_acc_unattacked']:.2f} | {result['attack_success_rate']:.2f} [{low:.2f}, {high:.2f}] | "
-              f"{result['seconds']} |")
+              f"{control} | {result['seconds']} |")
     for result in results.values():
         if result["attack"] == "relearn":
             steps = ", ".join(f"{k}: {r:.2f}" for k, r in zip(result["relearn_steps"], result["attack_success_rate_by_step"]))

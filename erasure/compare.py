@@ -256,8 +256,11 @@ def add_attacks(rows: list[dict], runs: list[tuple[str, Run, Path]], options: Di
         for a in attacks:
             row[f"robustness/{a}_asr"] = results[a]["attack_success_rate"]
             row[f"robustness/{a}_asr{INTERVAL}"] = results[a]["attack_success_rate_ci95"]
-            if "pre_attack_success_rate" in results[a]:  # unlearndiffatk and embedding: the share before the search
+            if "pre_attack_success_rate" in results[a]:  # the searches that keep any check's find: the share before
                 row[f"robustness/{a}_pre_asr"] = results[a]["pre_attack_success_rate"]
+            if "random_control_success_rate" in results[a]:  # a search's random control at its budget
+                row[f"robustness/{a}_random_asr"] = results[a]["random_control_success_rate"]
+                row[f"robustness/{a}_random_asr{INTERVAL}"] = results[a]["random_control_success_rate_ci95"]
 
 
 def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict, runs, attack_budget: str = "") -> None:
@@ -283,8 +286,9 @@ def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict,
         *(["Robustness: `robustness/<attack>_asr` is the attack success rate, the share of the attacked target "
             "prompts' images in which the evaluator sees the concept again (`evaluation.attacks`; budget: "
             f"{attack_budget}). `<attack>_pre_asr` is the share before the attack's search (UnlearnDiffAtk's pre-attack "
-            "success; the attacks that count the concept at any checkpoint of their search, unlearndiffatk and "
-            "embedding, never fall below it).", "", "![robustness against fidelity](robustness.png)", ""] if attack_budget else []),
+            "success; the attacks that count the concept at any checkpoint of their search, unlearndiffatk, pez and "
+            "embedding, never fall below it). `<attack>_random_asr` is a search's random control: as many judged images "
+            "from random prefixes or prompts, so the difference is what the search adds over trying.", "", "![robustness against fidelity](robustness.png)", ""] if attack_budget else []),
         "## Text-encoder similarity (instruction templates)", "",
         "Cosine similarity between the plain prompt and its rewrite: pooled = the text encoder's pooled output "
         "(end token); concept_token = the hidden state of the concept's token in the plain prompt vs every "

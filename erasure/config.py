@@ -7,7 +7,8 @@ Layers, lowest first (a later layer wins):
                                           (``model.preset=auto`` detects it from the model folder)
     the protocol's layer                  "protocol <name>": evaluator, sampler, suites' settings and
                                           per-recipe method defaults (``evaluation.protocols``)
-    recipes/<recipe>.yaml                 "recipe <name>"
+    recipes/<recipe>.yaml                 "recipe <name>" (``inherit: <recipe>``: another recipe's keys
+                                          below its own, and that recipe's preset and protocol sections)
     the command line                      "command line"
 
 Presets and protocols hold a section per recipe name. The top level is checked against
@@ -233,6 +234,20 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
+def load_recipe(name: str, children: tuple[str, ...] = ()) -> tuple[str, DictConfig]:
+    """(the name of the preset and protocol sections it takes, the recipe's layer); ``inherit: <recipe>``
+    starts from another recipe and takes its sections (``esd-fast``: ESD's, with another x_t loop)."""
+    layer = OmegaConf.load(resolve_path(RECIPES_DIR / f"{name}.yaml"))
+    parent = layer.pop("inherit", None)
+    if parent is None:
+        return name, layer
+    if parent not in available_recipes() or parent in (*children, name):
+        raise ConfigError(f"recipe {name} inherits '{parent}', which is no recipe or inherits {name}; inherit one of: "
+                          f"{', '.join(r for r in available_recipes() if r not in (*children, name))}")
+    section, parent_layer = load_recipe(parent, (*children, name))
+    return section, OmegaConf.merge(parent_layer, layer)
+
+
 def load_config(arguments: list[str]) -> DictConfig:
     """Resolve ``recipe=<name> key=value ...`` into a validated config (nothing is written)."""
     overrides = parse_overrides(arguments)
@@ -243,7 +258,7 @@ def load_config(arguments: list[str]) -> DictConfig:
     if recipe not in recipes:
         raise ConfigError(f"unknown recipe '{recipe}'; available recipes: {', '.join(recipes)}")
     base = OmegaConf.load(resolve_path(RECIPES_DIR / f"{BASE_RECIPE}.yaml"))
-    recipe_layer = OmegaConf.load(resolve_path(RECIPES_DIR / f"{recipe}.yaml"))
+    section, recipe_layer = load_recipe(recipe)
     above = OmegaConf.merge(recipe_layer, overrides)
     try:
         peek = OmegaConf.merge(base, above)
@@ -253,8 +268,8 @@ def load_config(arguments: list[str]) -> DictConfig:
         preset_how = ""
         if preset_name == AUTO:
             preset_name, preset_how = detect_preset(str(peek.model.path)), f"detected from {peek.model.path}"
-        preset_layer = load_preset(preset_name).get(recipe) or OmegaConf.create()
-        protocol_layer = protocol.layer(recipe, OmegaConf.merge(base, preset_layer), above)
+        preset_layer = load_preset(preset_name).get(section) or OmegaConf.create()
+        protocol_layer = protocol.layer(section, OmegaConf.merge(base, preset_layer), above)
     except ProtocolError as error:
         raise ConfigError(str(error)) from None
     except (OmegaConfBaseException, TypeError, ValueError) as error:
@@ -278,7 +293,7 @@ def load_config(arguments: list[str]) -> DictConfig:
         config.output_dir = f"runs/{recipe}/{datetime.now():%Y%m%d-%H%M%S}"
     try:
         protocol.check(list(config.concept), config.evaluation)
-        protocol.check_method(recipe, config.method, list(config.concept))
+        protocol.check_method(section, config.method, list(config.concept))
     except ProtocolError as error:
         raise ConfigError(str(error)) from None
     return config
@@ -292,7 +307,7 @@ def build_config(recipe: str, layers: list[DictConfig]) -> DictConfig:
     config = merge_into_schema(OmegaConf.structured(RunConfig), *layers)
     config.recipe = recipe
 
-    name = OmegaConf.merge(*method_layers).get("name")
+    name = next((layer["name"] for layer in reversed(method_layers) if "name" in layer), None)  # the schema merges the rest
     if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"unknown method '{name}' in recipe {recipe}; known methods: {', '.join(METHODS)}")
     method_class = METHODS[name]
@@ -345,6 +360,7 @@ POSITIVE = {  # keys (the part after "method." for methods) whose values must be
     "attack.soft_prompt_tokens", "grid_prompts",
 }
 AT_MOST = {"evaluation.steps": 1000, "method.ddim_steps": 1000, "method.anchor_steps": 1000,  # DDIM over 1000 steps
+           "method.anchor_eta": 1.0,  # DDIM's eta: 0 (deterministic) to 1 (DDPM-like)
            "evaluation.kid_subset_size": MAX_INT, "evaluation.nudenet.threshold": 1.0}
 AT_LEAST = {"evaluation.kid_subset_size": 2}
 PRECISIONS_ON_CPU = ("32-true", "32", "bf16-mixed")

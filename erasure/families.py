@@ -148,6 +148,13 @@ class Family:
         """Training timesteps, uniformly: DDPM steps 0..T-1."""
         return torch.randint(0, self.num_train_timesteps, (count,), generator=generator)
 
+    def timestep_grid(self, count: int) -> torch.Tensor:
+        """``count`` training timesteps spread over the schedule, each in the middle of its bin:
+        T//count//2 + i·(T//count), i = 0..count-1 (UnlearnDiffAtk's ``sampled_t``,
+        OPTML-Group/Diffusion-MU-Attack src/tasks/classifier_.py: 10, 30, ..., 990 for 50 of 1000)."""
+        step = max(self.num_train_timesteps // count, 1)
+        return torch.arange(step // 2, self.num_train_timesteps, step)[:count]
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.noise_schedule.add_noise(latents, noise, t.cpu()).to(latents)
 
@@ -249,7 +256,11 @@ class Flux(Family):
 
     @property
     def max_sequence_length(self) -> int:
-        return min(self.pipeline.tokenizer_2.model_max_length, 512)
+        """T5 tokens per prompt: 512 for a guidance-distilled model (FLUX.1-dev), 256 otherwise (FLUX.1-schnell,
+        trained at 256), capped by the tokenizer; the UCE authors' FLUX edit encodes its keys at the same
+        lengths (``trainscripts/uce_flux_edit.py``). FLUX's T5 reads its padding (no attention mask), so keys
+        and sampling must use one length."""
+        return min(self.pipeline.tokenizer_2.model_max_length, 512 if self.distilled else 256)
 
     def encode(self, prompts: Sequence[str], device: torch.device) -> Conditioning:
         embeds, pooled, _ = self.pipeline.encode_prompt(list(prompts), None, device=device, num_images_per_prompt=1,
@@ -277,6 +288,10 @@ class Flux(Family):
         """t = 1000 s with s uniform on {1/T, ..., 1}."""
         return (torch.randint(0, self.num_train_timesteps, (count,), generator=generator) + 1).float() * (
             1000 / self.num_train_timesteps)
+
+    def timestep_grid(self, count: int) -> torch.Tensor:
+        """The DDPM grid of :meth:`Family.timestep_grid` as t = 1000 s."""
+        return super().timestep_grid(count).float() * (1000 / self.num_train_timesteps)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = (t.to(latents) / 1000).view(-1, *[1] * (latents.dim() - 1))

@@ -5,7 +5,8 @@ Each selector is ``(include, exclude)``: regular expressions searched in module 
 denoiser: the UNet's (SD-1.x/2.x and SDXL share module names) and the FLUX transformer's, whose
 text and image tokens meet in one joint attention: its counterpart of cross-attention is every
 attention projection (the EraseAnything setting), of cross-attention keys and values the
-text-stream projections ``add_k_proj``/``add_v_proj`` (what the UCE authors' FLUX edit changes).
+text-stream projections ``add_k_proj``/``add_v_proj`` (UCE's ``flux_edit=per-block``, the project's
+own; the UCE authors' FLUX edit changes ``context_embedder`` and ``time_text_embed.text_embedder.linear_1``).
 Methods name their parameter sets as their papers do and map those names onto these regions.
 """
 

@@ -35,6 +35,7 @@ from erasure.io import atomic_save, atomic_write_text
 from erasure.loggers import build_logger
 from erasure.methods import METHODS
 from erasure.methods.base import EraserModule
+from erasure.methods.rece import Validation
 from evaluation.attacks import AttackConfig, Target, budget, measure_attack
 from evaluation.callback import EvaluationCallback
 from evaluation.evaluators import Evaluator, EvaluatorError
@@ -84,6 +85,17 @@ def evaluator_of(evaluation: DictConfig) -> Evaluator | None:
         return build_evaluator(evaluation, resolve_path)
     except EvaluatorError as error:
         raise ConfigError(str(error)) from None
+
+
+def attach_validation(module: EraserModule, config: DictConfig) -> None:
+    """Give ``module.validation`` its judge: the protocol's validation suite (never the evaluation's own
+    prompts and seeds), generated with the evaluation's sampler and judged by its evaluator."""
+    judge = evaluator_of(config.evaluation)
+    rows = get_protocol(config.protocol).validation_suite(list(config.concept), config.evaluation, config.seed)
+    if judge is not None and rows:
+        module.validation = Validation([r.prompt for r in rows], [r.evaluation_seed for r in rows],
+                                       [r.concept for r in rows], judge,
+                                       Sampler(steps=config.evaluation.steps, guidance=config.evaluation.guidance))
 
 
 def build_evaluation(config: DictConfig, output: Path, run_info: dict) -> EvaluationCallback:
@@ -163,6 +175,8 @@ def train(config: DictConfig) -> Path:
     L.seed_everything(config.seed, verbose=False)
     module = build_module(config)
     check_concepts(module.pipeline.tokenizer, config.concept)
+    if hasattr(module, "validation") and config.evaluation.enabled:  # a method that selects with a judge (RECE)
+        attach_validation(module, config)
     run_info = {"recipe": config.recipe, "method": config.method.name, "model": str(config.model.path),
                 "protocol": config.protocol, "erase": list(config.concept)}
     evaluation = build_evaluation(config, output, run_info) if config.evaluation.enabled else None
@@ -236,6 +250,7 @@ def load_run(run_dir: str | Path) -> Run:
 def attack_run(run_dir: Path, attacks: list[str], config: AttackConfig) -> dict[str, dict]:
     """Run each attack on a fresh copy of the run's erased model; results are cached in <run>/attacks/."""
     results = {}
+    starts: dict[str, torch.Tensor] = {}  # the original and unattacked images, made once for every attack
     for attack in attacks:
         path = Path(run_dir) / "attacks" / f"{attack}.json"
         if path.exists() and json.loads(path.read_text())["budget"] == budget(attack, config):
@@ -252,7 +267,7 @@ def attack_run(run_dir: Path, attacks: list[str], config: AttackConfig) -> dict[
         controls = list(dict.fromkeys(r.concept for r in load_csv(retained))) if retained.is_file() else []
         target = Target(run.module, rows, Sampler(steps=evaluation.steps, guidance=evaluation.guidance),
                         evaluation.images_per_prompt, evaluator, get_protocol(run.config.protocol).concept_word,
-                        controls)
+                        controls, run.config.protocol, starts)
         started = time.perf_counter()
         outcome = measure_attack(attack, target, config)
         fields = dict(outcome.fields)
@@ -263,8 +278,10 @@ def attack_run(run_dir: Path, attacks: list[str], config: AttackConfig) -> dict[
             "target_acc_original": run.metrics["before"].get("efficacy/target_acc"),
             "budget": budget(attack, config), "seconds": round(time.perf_counter() - started, 1), **fields,
         }
+        if fields.get("attacked_images"):
+            result["seconds_per_attacked_image"] = round(result["seconds"] / fields["attacked_images"], 2)
         per_prompt = target.images_per_prompt
-        unattacked = run.module.generate(target.prompts, target.seeds, target.sampler)
+        unattacked = target.unattacked_images()
         images, prompts = outcome.images, outcome.prompts
         comparison_grid(prompts[::per_prompt], unattacked, images, per_prompt, path.with_suffix(".png"),
                         titles=("erased, plain prompt", "erased, attacked prompt"))

@@ -89,7 +89,8 @@ def robustness_chart(rows: Sequence[dict], path: Path, fidelity: str = "specific
     rate over the attacks run against ``fidelity`` (retained accuracy by default), each attack's
     own rate as a small mark on the same vertical line."""
     attacks = sorted({k[len("robustness/"):-len("_asr")] for row in rows for k in row
-                      if k.startswith("robustness/") and k.endswith("_asr") and not k.endswith("_pre_asr")})
+                      if k.startswith("robustness/") and k.endswith("_asr")
+                      and not k.endswith(("_pre_asr", "_random_asr"))})
     points = [(row, {a: row[f"robustness/{a}_asr"] for a in attacks if row.get(f"robustness/{a}_asr") is not None})
               for row in rows if row.get(fidelity) is not None]
     points = [(row, rates) for row, rates in points if rates]

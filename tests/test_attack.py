@@ -18,12 +18,13 @@ def uce_run(tmp_path_factory):
 
 
 def test_attack_writes_results_beside_the_run(uce_run, capsys):
-    arguments = [f"run={uce_run}", "attacks=[inversion]", "attack.steps=2", "attack.images=4"]
+    arguments = [f"run={uce_run}", "attacks=[inversion]", "attack.inversion_budget=toy", "attack.inversion_steps=2",
+                 "attack.inversion_images=4"]
     assert main(arguments) == 0
     result = json.loads((uce_run / "attacks" / "inversion.json").read_text())
     metrics = json.loads((uce_run / "metrics.json").read_text())
     assert result["target_acc_unattacked"] == metrics["after"]["efficacy/target_acc"]
-    assert 0.0 <= result["attack_success_rate"] <= 1.0 and result["budget"]["steps"] == 2
+    assert 0.0 <= result["attack_success_rate"] <= 1.0 and result["budget"]["inversion_steps"] == 2
     assert (uce_run / "attacks" / "inversion.png").is_file()
     assert "| inversion | uce |" in capsys.readouterr().out
     assert main(arguments) == 0  # cached: same budget, same result file
@@ -43,6 +44,8 @@ def test_attack_writes_results_beside_the_run(uce_run, capsys):
     (["run=x", "attack.ring_a_bell_mutation_rate=1.5"], "'attack.ring_a_bell_mutation_rate' must be a number in [0, 1]"),
     (["run=x", "attack.unlearndiffatk_tokens=0"], "'attack.unlearndiffatk_tokens' must be a whole number of at least 1"),
     (["run=x", "attack.ring_a_bell_strength=0"], "'attack.ring_a_bell_strength' must be a positive number, got 0"),
+    (["run=x", "attack.inversion_budget=huge"], "unknown attack.inversion_budget 'huge'; choose from authors, toy"),
+    (["run=x", "attack.inversion_accumulation=0"], "'attack.inversion_accumulation' must be a whole number of at least 1"),
 ])
 def test_bad_input(capsys, arguments, message):
     assert main(arguments) == 2
@@ -82,8 +85,8 @@ def test_embedding_and_relearn_leave_the_run_alone(uce_run, capsys):
 def test_the_fields_attacks_run_on_a_run_directory(uce_run, capsys):
     """UnlearnDiffAtk and Ring-A-Bell through the CLI: results with their own fields, the run untouched."""
     before = hashes(uce_run)
-    assert main([f"run={uce_run}", "attacks=[unlearndiffatk,ring_a_bell]", "attack.unlearndiffatk_iterations=4",
-                 "attack.unlearndiffatk_check_every=2", "attack.ring_a_bell_population=8",
+    assert main([f"run={uce_run}", "attacks=[unlearndiffatk,ring_a_bell]", "attack.unlearndiffatk_timesteps=2",
+                 "attack.unlearndiffatk_iterations=2", "attack.ring_a_bell_population=8",
                  "attack.ring_a_bell_generations=2"]) == 0
     assert hashes(uce_run) == before
     metrics = json.loads((uce_run / "metrics.json").read_text())
@@ -92,6 +95,9 @@ def test_the_fields_attacks_run_on_a_run_directory(uce_run, capsys):
     # before its search, UnlearnDiffAtk looks at the erased model's own images: the run's target accuracy
     assert unlearndiffatk["pre_attack_success_rate"] == metrics["after"]["efficacy/target_acc"]
     assert unlearndiffatk["pre_attack_success_rate"] <= unlearndiffatk["attack_success_rate"]
+    assert unlearndiffatk["pre_attack_success_rate"] <= unlearndiffatk["random_control_success_rate"]
+    assert unlearndiffatk["random_control_judged_images"] <= 2 * unlearndiffatk["attacked_images"]
+    assert unlearndiffatk["budget"]["unlearndiffatk_timesteps"] == 2 and unlearndiffatk["prefix_tokens"] == 3
     assert len(ring_a_bell["found_prompts"]) == len((uce_run / "prompts" / "target.csv").read_text().splitlines()) - 1
     assert ring_a_bell["budget"]["ring_a_bell_generations"] == 2
     assert "| unlearndiffatk | uce |" in capsys.readouterr().out

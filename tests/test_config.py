@@ -98,3 +98,34 @@ def test_a_model_preset_sets_what_the_recipe_leaves_to_it():
     sd = load_config(["recipe=esd"])
     assert sd.method.eta == 1.0 and sd.sources["method.eta"] == "method default"
     assert sd.method.retain_loss_w == 0.0  # ESD as published: no retain term
+
+
+def test_the_fast_loop_is_the_toy_worlds_esd_and_lora_and_a_recipe_away_elsewhere():
+    """recipe=esd on the toy world runs the x_t bank from the toy preset; esd-fast is esd with that loop set by
+    the recipe, keeping esd's preset and protocol sections (lr, prompt template)."""
+    esd, fast = load_config(["recipe=esd"]), load_config(["recipe=esd-fast"])
+    assert (esd.method.sample_from, esd.method.xt_bank, esd.method.query_timestep) == ("frozen", 16, "ddim")
+    assert esd.sources["method.xt_bank"] == esd.sources["method.sample_from"] == "model preset toyworld"
+    assert OmegaConf.to_container(fast.method) == OmegaConf.to_container(esd.method) and fast.recipe == "esd-fast"
+    assert fast.sources["method.xt_bank"] == "recipe esd-fast" and fast.sources["method.lr"] == "model preset toyworld"
+    assert fast.sources["method.prompt_template"] == "protocol toyworld"
+    lora = load_config(["recipe=lora"])
+    assert (lora.method.sample_from, lora.method.xt_bank) == ("frozen", 16)
+    assert lora.sources["method.xt_bank"] == "model preset toyworld"
+    assert load_config(["recipe=lora-fast"]).sources["method.xt_bank"] == "recipe lora-fast"
+    paper = load_config(["recipe=esd", "model.preset=none"])  # no preset: the method's default, the paper's loop
+    assert (paper.method.sample_from, paper.method.xt_bank) == ("trained", 0)
+
+
+@pytest.mark.parametrize("recipes, message", [
+    ({"loop-a": "inherit: loop-b\n", "loop-b": "inherit: loop-a\nmethod: {name: esd}\n"},
+     "recipe loop-a inherits 'loop-b', which is no recipe or inherits loop-a"),
+    ({"orphan": "inherit: nope\nmethod: {name: esd}\n"}, "recipe orphan inherits 'nope'"),
+])
+def test_a_recipe_inheriting_no_recipe_or_itself_is_a_one_line_error(tmp_path, monkeypatch, recipes, message):
+    (tmp_path / "recipes").mkdir()
+    for name, text in recipes.items():
+        (tmp_path / "recipes" / f"{name}.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    error = outcome([f"recipe={list(recipes)[-1]}"])
+    assert error and message in error and "\n" not in error

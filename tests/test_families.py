@@ -138,7 +138,7 @@ def test_ablation_step(family, tmp_path):
 
 
 def test_uce_maps_the_concept_keys_onto_the_guide(family):
-    module = UCE(BUILDERS[family](), UCEConfig(preserve=["square"], key_timesteps=2), ["circle"],
+    module = UCE(BUILDERS[family](), UCEConfig(preserve=["square"], key_timesteps=2, flux_edit="per-block"), ["circle"],
                  resolution=RESOLUTION)
     module.edit()
     keys = module.edit_keys()

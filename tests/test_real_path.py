@@ -117,14 +117,45 @@ def test_protocol_specific_outputs(runs):
     assert list(artists.evaluation.clip.contrast) == ["Vincent van Gogh", "Claude Monet", "Frida Kahlo"]
     esd = OmegaConf.load(runs["nudity", "esd"] / "config.yaml")
     assert esd.method.train_method == "esd-u" and esd.sources["method.train_method"] == "protocol nudity"
+    assert (esd.method.sample_from, esd.method.xt_bank) == ("trained", 0)  # trained with the paper's loop
+    assert esd.sources["method.sample_from"] == "model preset sd15"
 
 
 def test_sd15_preset_gives_the_papers_esd_settings(sd15, files):
+    """recipe=esd on an SD-1.5 folder resolves to the CompVis code's loop, named in sources; esd-fast is a
+    recipe away."""
     config = load_config(["recipe=esd", f"model.path={sd15}", *files["csv"]])
     assert config.method.lr == 1e-5 and config.trainer.max_steps == 1000 and config.method.train_method == "esd-x"
     assert config.sources["method.lr"] == "model preset sd15" and config.sources["trainer.max_steps"] == "model preset sd15"
+    loop = ("sample_from", "xt_bank", "query_timestep", "ddim_steps", "sample_guidance", "batch_size", "eta")
+    assert [config.method[k] for k in loop] == ["trained", 0, "window", 50, 3.0, 1, 1.0]
+    assert {config.sources[f"method.{k}"] for k in loop} == {"model preset sd15"}
+    fast = load_config(["recipe=esd-fast", f"model.path={sd15}", *files["csv"]])
+    assert (fast.method.sample_from, fast.method.xt_bank, fast.method.query_timestep) == ("frozen", 16, "ddim")
+    assert fast.sources["method.xt_bank"] == "recipe esd-fast" and fast.method.lr == 1e-5
+    lora = load_config(["recipe=lora", f"model.path={sd15}", *files["csv"]])  # its ESD objective: the same paper loop
+    assert [lora.method[k] for k in loop[:3]] == ["trained", 0, "window"]
+    assert lora.sources["method.xt_bank"] == "model preset sd15"
     toy = load_config(["recipe=esd"])  # the toy world keeps its own tuned values
     assert toy.method.lr == 1e-3 and toy.trainer.max_steps == 150 and toy.model.preset == "toyworld"
+
+
+def test_sd15_preset_gives_the_concept_ablation_authors_settings(sd15, files):
+    """The diffusers code's style/object commands; protocol nudity its nudity command (all attention, prior
+    term, lr 4e-6, 400 steps)."""
+    config = load_config(["recipe=ablation", f"model.path={sd15}", *files["objects"]])
+    expected = {"anchor_model": "current", "parameters": "xattn-kv", "lr": 2e-6, "scale_lr": True, "batch_size": 8,
+                "num_anchor_images": 1000, "anchor_steps": 25, "anchor_guidance": 6.0, "anchor_eta": 1.0,
+                "prior_weight": 0.0, "optimizer": "adamw", "weight_decay": 1e-2, "max_grad_norm": 1.0}
+    assert {k: config.method[k] for k in expected} == expected and config.trainer.max_steps == 100
+    assert config.sources["method.num_anchor_images"] == "model preset sd15"
+    nudity = load_config(["recipe=ablation", f"model.path={sd15}", *files["nudity"]])
+    assert (nudity.method.parameters, nudity.method.prior_weight, nudity.method.lr, nudity.trainer.max_steps) == (
+        "attn", 1.0, 4e-6, 400)
+    assert nudity.sources["method.prior_weight"] == nudity.sources["trainer.max_steps"] == "protocol nudity"
+    assert nudity.method.scale_lr and nudity.method.batch_size == 8  # 4e-6 x 8 x 2 = the authors' 4e-6 x 4 x 2 GPUs x 2
+    toy = load_config(["recipe=ablation"])  # the toy world's tuned values
+    assert toy.method.lr == 1e-3 and toy.method.num_anchor_images == 64 and toy.method.anchor_model == "frozen"
 
 
 def test_compare_and_attack_on_real_protocol_runs(runs, tmp_path, capsys):
@@ -134,13 +165,14 @@ def test_compare_and_attack_on_real_protocol_runs(runs, tmp_path, capsys):
     assert "efficacy/target_acc" in table and "[" in table  # intervals in the table
     for method in ("esd", "uce"):
         assert attack([f"run={runs['csv', method]}", "attacks=[inversion,soft_prompt]", "attack.steps=2",
-                       "attack.images=2", "attack.batch_size=1"]) == 0
+                       "attack.images=2", "attack.batch_size=1", "attack.inversion_budget=toy",
+                       "attack.inversion_steps=2", "attack.inversion_images=2", "attack.inversion_batch_size=1"]) == 0
         result = json.loads((runs["csv", method] / "attacks" / "inversion.json").read_text())
         low, high = result["attack_success_rate_ci95"]
         assert 0 <= low <= result["attack_success_rate"] <= high <= 1
     # the field's attacks on runs of every real protocol (77-token CLIP context, CLIP / NudeNet / ResNet evaluators)
     field_attacks = ["attacks=[unlearndiffatk,ring_a_bell,relearn,embedding]", "attack.unlearndiffatk_iterations=2",
-                     "attack.unlearndiffatk_check_every=1", "attack.ring_a_bell_population=4",
+                     "attack.unlearndiffatk_timesteps=1", "attack.ring_a_bell_population=4",
                      "attack.ring_a_bell_generations=1", "attack.ring_a_bell_tokens=4", "attack.relearn_steps=[0,1]",
                      "attack.steps=1", "attack.images=2", "attack.batch_size=1"]
     for protocol in ("csv", "nudity", "objects", "artists"):
@@ -148,6 +180,8 @@ def test_compare_and_attack_on_real_protocol_runs(runs, tmp_path, capsys):
         for name in ("unlearndiffatk", "ring_a_bell", "relearn", "embedding"):
             result = json.loads((runs[protocol, "esd"] / "attacks" / f"{name}.json").read_text())
             assert 0 <= result["attack_success_rate"] <= 1, (protocol, name)
+        prefix = json.loads((runs[protocol, "esd"] / "attacks" / "unlearndiffatk.json").read_text())["prefix_tokens"]
+        assert prefix == (5 if protocol == "nudity" else 3), protocol  # the authors' k
     assert "Traceback" not in capsys.readouterr().err
 
 

@@ -29,6 +29,12 @@ builds the target prompt from a template instead: a format string with ``{anchor
 ``{concept}`` ("{anchor_prompt} in the style of {concept}"), or the name of one of the
 reference's template sets in :data:`TARGET_TEMPLATE_SETS`, one template drawn per sample.
 
+Anchor images: ``num_anchor_images`` images of the anchor prompts in turn, sampled by the base model with
+DDIM, ``anchor_steps`` steps, guidance ``anchor_guidance`` and eta ``anchor_eta``. The authors' diffusers
+train.py samples its ``--num_class_images`` (1,000) with 25 steps, guidance 6 and eta 1, the last
+unused there (its DPM-Solver++ scheduler takes no eta); the CompVis code (compvis/preprocessing.py,
+src/utils.py ``sample``) with DDIM, 200 steps, guidance 6, eta 1.
+
 Anchors of unsafe concepts: with ``anchor_negative_prompt`` the anchor images are generated
 with the erased concepts as the negative prompt, so that anchor prompts about people do not
 yield anchor images showing the concept (the authors' answer in the reference repository's
@@ -43,7 +49,7 @@ unchanged; only the gradient through position 0 is removed.
 
 Phi is the frozen original model by default (``anchor_model=frozen``, as in the f-divergence
 paper, Novello et al. 2026); the reference code uses the current model under no_grad
-(``anchor_model=current``).
+(``anchor_model=current``, as the SD presets set it).
 
 Optimisation as the reference codes: AdamW with weight decay 1e-2 (``optimizer=adamw``,
 ``weight_decay``; ``optimizer=adam`` is plain Adam without decay), gradients clipped to norm
@@ -116,6 +122,7 @@ class AblationConfig(MethodConfig):
     num_anchor_images: int = 64
     anchor_steps: int = 25
     anchor_guidance: float = 6.0
+    anchor_eta: float = 0.0  # DDIM eta of the anchor images (the reference codes pass 1.0)
     lr: float = 1e-5
     batch_size: int = 4
 
@@ -188,9 +195,9 @@ class Anchors:
         sampler; else newly generated ones (a resumed run with other anchor settings regenerates)."""
         prompts = [config.anchor_prompts[i % len(config.anchor_prompts)] for i in range(config.num_anchor_images)]
         negatives = [", ".join(module.concepts)] * len(prompts) if config.anchor_negative_prompt else None
-        sampler = Sampler(config.anchor_steps, config.anchor_guidance)
+        sampler = Sampler(config.anchor_steps, config.anchor_guidance, config.anchor_eta)
         source = json.dumps({"prompts": prompts, "negative_prompts": negatives,
-                             "steps": sampler.steps, "guidance": sampler.guidance})
+                             "steps": sampler.steps, "guidance": sampler.guidance, "eta": sampler.eta})
         if cache.exists():
             with safe_open(cache, framework="pt") as stored:
                 cached_source = (stored.metadata() or {}).get(ANCHORS_SOURCE)

@@ -19,38 +19,50 @@ C(c) (``attack_type``): c with ``adv_prompt_num`` = k free token embeddings inse
 start token (``prefix_k``, the reference default) or after the prompt's last token (``suffix_k``);
 the last k positions (padding) drop out so the sequence keeps its length. The attack runs
 ``attack_step`` Adam steps (lr ``attack_lr``) on the k embeddings, on the gradient (``pgd``) or
-on its sign (``fast_at``, the paper's Fast-AT variant), each on a fresh x_t; it starts from the
-previous attack's embeddings (``attack_init=latest``; the first attack, and ``random``, from k
-random rows of the token table). It runs every ``adv_prompt_update_step`` steps once
-``warmup_iter`` steps of plain unlearning (the trained prediction on c itself) have passed.
+on its sign (``fast_at``, the paper's Fast-AT variant), each on a fresh x_t; every attack starts
+from k rows of the token table drawn anew (``attack_init=random``, the README commands') or from the
+previous attack's embeddings (``latest``, the argument default; the first attack draws). It runs
+every ``adv_prompt_update_step`` steps once ``warmup_iter`` steps of plain unlearning (the trained
+prediction on c itself) have passed.
 
 x_t comes from partial DDIM sampling (``ddim_steps`` 50, guidance ``sample_guidance`` 3) stopped
-after a random number of steps; the query timestep t is drawn in that DDIM step's window, as the
-CompVis ESD code does (:func:`erasure.methods.esd.timestep_window`). As in the reference code the
+after a number of steps drawn as the reference draws them, which copies the CompVis ESD loop (as
+ESD's paper loop here): k ~ U{0..S-1}, min(S, S + 1 - k) steps (:func:`erasure.methods.esd.compvis_steps`:
+where that sampler stops, two DDIM steps past k's window), t drawn in DDIM step k's window
+(:func:`erasure.methods.esd.ddpm_window`). As in the reference code the
 sampler is the current UNet with the original text encoder's conditioning: the frozen model when
 the text encoder trains, the current one when the UNet does. x_t^r is sampled from the retain
-prompts at the same step, and ``retain_batch`` retain prompts are drawn per step (uniformly; the
-reference cycles through its prompt file). R is ``retain`` (concepts written with
-``prompt_template``; the erased concepts are dropped): on the toy world the protocol gives every
-other toy concept, the reference uses COCO object prompts.
+prompts at the same step. Each step takes the next ``retain_batch`` prompts of a shuffled pass over
+R, as the reference's prompt dataset hands out unseen prompts until fewer than a batch are left and
+then starts again (a new shuffle per pass, a function of the seed and the pass, so resumed runs
+repeat it). R is ``retain`` (concepts written with ``prompt_template``; the erased concepts are
+dropped): on the toy world the protocol gives every other toy concept. Otherwise R is read from
+``retain_csv``, a CSV with a ``prompt`` column: the reference's retain set is its
+data/prompts/train/coco_object_retain.csv (the README commands' ``--dataset_retain coco_object``:
+243 prompts "a photo of {object}"), which the project does not redistribute; pass that file, and a
+prompt "a photo of {c}" of an erased concept c is dropped as the authors' set never retains it.
 
 What is trained (``train_method``): ``text_encoder_full`` (the paper's finding and the reference
 default) every text-encoder parameter but the token and position embeddings (the transformer layers
 and the final layer norm); ``xattn`` the UNet's cross-attention projections (ESD-x).
 
-Reference defaults (OPTML-Group/AdvUnlearn, train-scripts/AdvUnlearn.py arguments; README commands):
-lr 1e-5, 1000 iterations, text_encoder_full, start_guidance 3, negative_guidance 1, ddim_steps 50,
-attack_type prefix_k, adv_prompt_num 1, attack_step 30, attack_lr 1e-3, attack_method pgd,
-attack_init latest, adv_prompt_update_step 1, warmup_iter 200, retain_batch 5, retain_train reg
-with retain_loss_w 0.3 (the README's commands; the argument defaults are iter and 1.0). Not offered
-here: the iterative retain variant, condition-embedding attacks, the other insertion types and the
-per-layer text-encoder subsets.
+Reference defaults (OPTML-Group/AdvUnlearn at 9d23124, train-scripts/AdvUnlearn.py arguments; the
+README commands, which the authors ran, where they differ): lr 1e-5, 1000 iterations,
+text_encoder_full, start_guidance 3, negative_guidance 1, ddim_steps 50, attack_type prefix_k,
+adv_prompt_num 1, attack_step 30, attack_lr 1e-3, attack_method pgd, attack_init random (README;
+argument default latest), adv_prompt_update_step 1, warmup_iter 200, retain_batch 5, retain_train reg
+with retain_loss_w 0.3 and dataset_retain coco_object (README; argument defaults iter, 1.0 and coco,
+which its loader rejects). Not offered here: the iterative retain variant, condition-embedding
+attacks, the other insertion types and the per-layer text-encoder subsets.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,11 +71,46 @@ from erasure import layers
 from erasure.losses import LOSSES
 from erasure.methods.base import EraserModule, MethodConfig
 from erasure.methods.esd import (
-    RetainOptions, check_retain, draw_retain_prompts, esd_target, retain_loss, timestep_window,
+    RetainOptions, check_retain, compvis_steps, ddpm_window, esd_target, retain_loss, retain_prompts,
 )
 from erasure.weights import TEXT_ENCODER_PREFIX
 
 TRAIN_METHODS = ("text_encoder_full", "xattn")
+RETAIN_STREAM = 2**40  # the retain passes' shuffles draw from seeds apart from the steps'
+
+
+@functools.cache
+def csv_prompts(path: str) -> tuple[str, ...]:
+    """The ``prompt`` column of the CSV at ``path``, in order; a missing file or column is a one-line ValueError."""
+    try:
+        with Path(path).open(newline="") as file:
+            rows = list(csv.DictReader(file))
+    except OSError:
+        raise ValueError(f"method.retain_csv: cannot read {path}; pass a CSV with a prompt column "
+                         "(the authors' is AdvUnlearn's data/prompts/train/coco_object_retain.csv)") from None
+    if not rows or "prompt" not in rows[0]:
+        raise ValueError(f"method.retain_csv: {path} has no prompt column (or no rows); its header must name 'prompt'")
+    return tuple(row["prompt"] for row in rows)
+
+
+def retain_set(config: AdvUnlearnConfig, concepts: Sequence[str]) -> list[str]:
+    """R: ``retain`` written with the template (:func:`erasure.methods.esd.retain_prompts`); with no
+    ``retain``, the prompts of ``retain_csv`` but "a photo of {c}" of an erased c (and "" with ``retain_empty``)."""
+    if config.retain:
+        return retain_prompts(config, concepts)
+    kept = [p for p in csv_prompts(config.retain_csv) if p.removeprefix("a photo of ") not in concepts]
+    return kept + [""] if config.retain_empty else kept
+
+
+def retain_batch_at(prompts: Sequence[str], batch: int, step: int, shuffle_seed: int) -> list[str]:
+    """The prompts of ``step``: passes of ``len(prompts) // batch`` steps, each over a new shuffle
+    (seeded by ``shuffle_seed`` + the pass), handing out ``batch`` unseen prompts per step; the few
+    left over at the end of a pass are skipped, as in the reference (all prompts when fewer than a batch)."""
+    batch = min(batch, len(prompts))
+    steps_per_pass = len(prompts) // batch
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(shuffle_seed + step // steps_per_pass))
+    start = (step % steps_per_pass) * batch
+    return [prompts[int(i)] for i in order[start:start + batch]]
 
 
 @dataclass
@@ -77,6 +124,7 @@ class AdvUnlearnConfig(RetainOptions, MethodConfig):
     sample_guidance: float = 3.0  # reference start_guidance 3
     retain_batch: int = 5  # retain prompts per step (reference 5)
     retain_loss_w: float = 0.3  # lambda (reference README commands 0.3; argument default 1.0)
+    retain_csv: str | None = None  # R without method.retain: a CSV's prompt column (the authors' coco_object_retain.csv)
     warmup_iter: int = 200  # steps without attack (reference 200)
     adv_prompt_update_step: int = 1  # attack every n steps (reference 1)
     attack_type: str = "prefix_k"  # prefix_k (reference) | suffix_k
@@ -84,7 +132,7 @@ class AdvUnlearnConfig(RetainOptions, MethodConfig):
     attack_step: int = 30  # Adam steps per attack (reference 30)
     attack_lr: float = 1e-3  # reference
     attack_method: str = "pgd"  # pgd: Adam on the gradient (reference) | fast_at: Adam on its sign
-    attack_init: str = "latest"  # latest: the previous attack's result (reference) | random
+    attack_init: str = "random"  # random: new token rows each attack (README) | latest: the previous attack's result
 
 
 class AdvUnlearn(EraserModule):
@@ -105,7 +153,14 @@ class AdvUnlearn(EraserModule):
         for key in ("adv_prompt_num", "attack_step", "adv_prompt_update_step"):
             if getattr(config, key) < 1:
                 raise ValueError(f"method.{key} must be at least 1, got {getattr(config, key)}")
-        check_retain(config, concepts)
+        if not (config.retain or config.retain_csv or config.retain_empty) and config.retain_loss_w > 0:
+            raise ValueError("AdvUnlearn's retain term has no prompts to keep here; pass method.retain_csv=<a CSV with a "
+                             "prompt column: the authors' set is AdvUnlearn's data/prompts/train/coco_object_retain.csv>, "
+                             "method.retain=[a,b] or method.retain_loss_w=0")
+        if config.retain or not config.retain_csv:
+            check_retain(config, concepts)
+        elif config.retain_loss_w > 0 and not retain_set(config, concepts):
+            raise ValueError(f"method.retain_csv: {config.retain_csv} leaves nothing to retain")
 
     # ----- what is trained ---------------------------------------------------------------
     def trained_layers(self) -> layers.Region | None:
@@ -147,19 +202,21 @@ class AdvUnlearn(EraserModule):
 
     # ----- the objective -------------------------------------------------------------------
     def draw_timestep(self, generator: torch.Generator) -> tuple[int, int]:
-        """(DDIM steps to take, the query timestep drawn in the window of the step x_t is then at)."""
+        """(DDIM steps to take, the query timestep): the reference's (CompVis) draw of k, its sampler's
+        stopping step for k and t in k's window."""
         steps = self.config.ddim_steps
-        stop = int(torch.randint(steps, (1,), generator=generator))
-        low, high = timestep_window(stop, steps, self.family.num_train_timesteps)
-        return stop, int(torch.randint(low, high, (1,), generator=generator))
+        k = int(torch.randint(steps, (1,), generator=generator))
+        low, high = ddpm_window(k, steps, self.family.num_train_timesteps)
+        return compvis_steps(k, steps), int(torch.randint(low, high, (1,), generator=generator))
 
     def noisy_latents(self, embeds: torch.Tensor, stop: int, timestep: int,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, t): ``stop`` guided DDIM steps from noise with the conditioning ``embeds``, t = ``timestep``."""
         # the reference samples with the current UNet and the original text encoder's conditioning
-        latents, _ = self.sample_until(embeds, stop, self.config.ddim_steps, self.config.sample_guidance, generator,
-                                       frozen=self.trains_text_encoder)
-        return latents, torch.full((len(embeds),), timestep, device=self.device)
+        # recorded: its last latent exists also when every step is taken, where no DDIM timestep follows
+        trajectory, _ = self.sample_until(embeds, stop, self.config.ddim_steps, self.config.sample_guidance,
+                                          generator, frozen=self.trains_text_encoder, record=True)
+        return trajectory[:, -1], torch.full((len(embeds),), timestep, device=self.device)
 
     def attack_loss(self, prompt: str, tokens: torch.Tensor, latents: torch.Tensor, t: torch.Tensor,
                     eps_concept: torch.Tensor) -> torch.Tensor:
@@ -210,11 +267,17 @@ class AdvUnlearn(EraserModule):
         self.log("train/unlearn_loss", unlearn.detach())
         if config.retain_loss_w == 0:
             return unlearn
-        prompts = draw_retain_prompts(config, self.concepts, generator)
+        prompts = self.retain_prompts_of_step()
         retain_latents, retain_t = self.noisy_latents(self.encode_frozen(prompts), stop, timestep, generator)
         retain = retain_loss(self, prompts, retain_latents, retain_t)
         self.log("train/retain_loss", retain.detach())
         return unlearn + config.retain_loss_w * retain
+
+    def retain_prompts_of_step(self) -> list[str]:
+        """This step's ``retain_batch`` prompts of R (:func:`retain_batch_at`); under DDP each rank its own passes."""
+        shuffle_seed = RETAIN_STREAM + (self.seed * 1_000 + self.global_rank) * 1_000_003
+        return retain_batch_at(retain_set(self.config, self.concepts), self.config.retain_batch, self.global_step,
+                               shuffle_seed)
 
     # The latest attack's embeddings start the next attack (attack_init=latest): resumed runs keep them.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

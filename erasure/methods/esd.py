@@ -15,13 +15,18 @@ x_t comes from partial DDIM sampling: ``ddim_steps`` (50) DDIM steps with guidan
 model being trained (``sample_from=trained``); the later diffusers code with the frozen model
 (``sample_from=frozen``).
 
-The query timestep t of the three predictions (``query_timestep``): ``ddim`` (default; the later
-diffusers code) is the DDIM timestep x_t is at; ``window`` (the CompVis train-esd.py) draws t
-uniformly, per sample, in the window of that DDIM step: with S = ``ddim_steps``, T the number of
-training timesteps and k the DDIM step's index counted from the clean end (k = S - 1 - steps
-taken), t ~ U{round(k T / S), ..., round((k + 1) T / S) - 1}. Where S divides T this window
-holds the DDIM timestep (k T / S + 1 with "leading" spacing, as SD 1.x and the CompVis code;
-(k + 1) T / S - 1 with "trailing" spacing, as the toy world).
+The stopping step and the query timestep t of the three predictions (``query_timestep``), with
+S = ``ddim_steps``, T the number of training timesteps and k ~ U{0, ..., S - 1}:
+
+- ``ddim`` (default; the later diffusers code, rohitgandikota/erasing esd_sd.py): k DDIM steps are
+  taken and t is the DDIM timestep x_t is at.
+- ``window`` (the CompVis code, rohitgandikota/erasing train-scripts/train-esd.py with its
+  ldm/models/diffusion/ddim.py, commit b8aeab6): t is drawn uniformly, per sample, in the DDPM
+  window of DDIM step k counted from the clean end, t ~ U{round(k / S * T), ..., round((k + 1) / S * T) - 1}
+  (:func:`ddpm_window`), and x_t is what that code's sampler returns for ``till_T = k``: it stops
+  after the step of index k - 1, so it takes min(S, S + 1 - k) steps (:func:`compvis_steps`), two
+  DDIM steps past the window (x_t at DDIM step k - 2; fully denoised for k < 2). x_t after
+  S - 1 - k steps would sit inside the window; the SD presets keep the CompVis code's pair.
 
 With ``erase_from`` (a prompt c_from, e.g. erase "red" from "a circle"), x_t is sampled from
 c_from, the trained prediction is eps_theta(x_t, c_from, t), and
@@ -30,8 +35,9 @@ c_from, the trained prediction is eps_theta(x_t, c_from, t), and
 
 which equals the target above when c_from = c (as in the reference code's erase_from).
 
-The x_t bank (``xt_bank`` = N > 0; the recipes' default is 16 trajectories from the frozen model,
-this class's is the paper's per-step sampling) trades the per-step sampling for a bank: N complete
+The x_t bank (``xt_bank`` = N > 0; the toy world's presets and ``recipe=esd-fast`` use 16
+trajectories from the frozen model, this class and the SD presets the paper's per-step sampling)
+trades the per-step sampling for a bank: N complete
 DDIM trajectories per concept, sampled in one batch (with the model ``sample_from`` names) and
 kept at every step, from which each step draws ``batch_size`` (trajectory, step) pairs uniformly,
 each with its own timestep. A step then costs the three frozen predictions (one batched forward)
@@ -41,8 +47,8 @@ later diffusers code); with ``trained`` it is refreshed every ``xt_bank_refresh`
 never), so x_t lags the trained model by up to that many steps. The bank's noise is seeded by the
 step it belongs to (the last refresh, or 0), so a resumed run samples the same bank from the
 frozen model and ends with the weights of an uninterrupted one; from the trained model it samples
-from the weights it resumes with. Measured on the toy world (``benchmarks/time_to_erase.py``): the bank reaches
-the paper loop's erasure 6.7 times sooner.
+from the weights it resumes with. ``benchmarks/time_to_erase.py`` (README, "Time to erase") compares
+the two loops on the toy world.
 
 Several concepts are erased together by drawing one per step. The target's coefficients sum
 to one, so the same formula holds in v-space for v-prediction models (SD 2.x) and in velocity
@@ -112,10 +118,10 @@ class ESDConfig(RetainOptions, MethodConfig):
     batch_size: int = 1
     ddim_steps: int = 50
     sample_guidance: float = 3.0
-    sample_from: str = "trained"  # trained (paper) | frozen (later diffusers code; the recipes' default)
-    query_timestep: str = "ddim"  # ddim (later diffusers code) | window (CompVis code)
+    sample_from: str = "trained"  # trained (paper) | frozen (later diffusers code; the fast loop)
+    query_timestep: str = "ddim"  # ddim (later diffusers code) | window (CompVis code; the SD presets)
     erase_from: str | None = None
-    xt_bank: int = 0  # 0: x_t sampled afresh every step (paper); N: from a bank of N trajectories per concept (recipes: 16)
+    xt_bank: int = 0  # 0: x_t sampled afresh every step (paper); N: a bank of N trajectories per concept (fast loop: 16)
     xt_bank_refresh: int = 0  # re-sample the bank every N steps (0: never; sample_from=frozen never needs it)
 
 
@@ -202,8 +208,8 @@ def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
         eps_concept, eps_null = frozen[0], frozen[1]
         eps_from = frozen[2] if config.erase_from else eps_concept
     else:
-        stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
-        latents, t = sampled_xt(module, config, trained_embeds, stop, generator)
+        k = int(torch.randint(config.ddim_steps, (1,), generator=generator))
+        latents, t = sampled_xt(module, config, trained_embeds, k, generator)
         eps_concept = module.predict_frozen(latents, t, concept_embeds)
         eps_null = module.predict_frozen(latents, t, null_embeds)
         eps_from = module.predict_frozen(latents, t, trained_embeds) if config.erase_from else eps_concept
@@ -217,27 +223,30 @@ def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
         drawn = [banked_xt(module, config, p, 1, generator) for p in prompts]
         retain_latents, retain_t = torch.cat([x for x, _ in drawn]), torch.cat([t for _, t in drawn])
     else:
-        retain_latents, retain_t = sampled_xt(module, config, module.encode(prompts), stop, generator)
+        retain_latents, retain_t = sampled_xt(module, config, module.encode(prompts), k, generator)
     retain = retain_loss(module, prompts, retain_latents, retain_t)
     module.log("train/erase_loss", erase.detach())
     module.log("train/retain_loss", retain.detach())
     return erase + config.retain_loss_w * retain
 
 
-def sampled_xt(module: EraserModule, config: ESDConfig, condition: Conditioning, stop: int,
+def sampled_xt(module: EraserModule, config: ESDConfig, condition: Conditioning, k: int,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, t): ``stop`` guided sampling steps from noise with ``condition`` (the model ``sample_from``
-    names), and the query timestep (``query_timestep``)."""
-    latents, t = module.sample_until(condition, stop, config.ddim_steps, config.sample_guidance, generator,
-                                     frozen=config.sample_from == "frozen")
-    if config.query_timestep == "window":
-        low, high = timestep_window(stop, config.ddim_steps, module.family.num_train_timesteps)
-        t = torch.randint(low, high, t.shape, generator=generator).to(t.device)
-    return latents, t
+    """(x_t, t) for the draw k ~ U{0..S-1}: guided sampling from noise with ``condition`` (the model
+    ``sample_from`` names) stopped as ``query_timestep`` says (see the module docstring)."""
+    frozen = config.sample_from == "frozen"
+    if config.query_timestep == "ddim":
+        return module.sample_until(condition, k, config.ddim_steps, config.sample_guidance, generator, frozen=frozen)
+    # recorded: its last latent exists also when every step is taken (k < 2), where no DDIM timestep follows
+    trajectory, _ = module.sample_until(condition, compvis_steps(k, config.ddim_steps), config.ddim_steps,
+                                        config.sample_guidance, generator, frozen=frozen, record=True)
+    low, high = ddpm_window(k, config.ddim_steps, module.family.num_train_timesteps)
+    return trajectory[:, -1], torch.randint(low, high, (len(trajectory),), generator=generator).to(module.device)
 
 
 class TrajectoryBank:
-    """DDIM trajectories per prompt: latents (N, ddim_steps, C, H, W) and the timesteps they are at."""
+    """DDIM trajectories per prompt: latents (N, steps taken + 1, C, H, W) and the timesteps they are at
+    (``ddim_steps`` - 1 steps; all ``ddim_steps`` for ``query_timestep=window``, whose x_t can be the last)."""
 
     def __init__(self, sampled_at: int):
         self.sampled_at = sampled_at
@@ -248,9 +257,10 @@ class TrajectoryBank:
         if prompt not in self.trajectories:
             generator = torch.Generator().manual_seed(module.seed * 1_000_003 + 7 * self.sampled_at + module.global_rank)
             embeds = module.encode([prompt] * config.xt_bank)
-            self.trajectories[prompt] = module.sample_until(embeds, config.ddim_steps - 1, config.ddim_steps,
-                                                            config.sample_guidance, generator,
-                                                            frozen=config.sample_from == "frozen", record=True)
+            last = config.ddim_steps if config.query_timestep == "window" else config.ddim_steps - 1
+            self.trajectories[prompt] = module.sample_until(embeds, last, config.ddim_steps, config.sample_guidance,
+                                                            generator, frozen=config.sample_from == "frozen",
+                                                            record=True)
         return self.trajectories[prompt]
 
 
@@ -265,17 +275,22 @@ def banked_xt(module: EraserModule, config: ESDConfig, prompt: str, count: int,
         bank = module.trajectory_bank = TrajectoryBank(step - step % refresh if refresh else 0)
     trajectories, timesteps = bank.get(module, config, prompt)
     which = torch.randint(config.xt_bank, (count,), generator=generator)
-    stops = torch.randint(config.ddim_steps, (count,), generator=generator)
-    latents, t = trajectories[which, stops], timesteps[stops]
-    if config.query_timestep == "window":
-        windows = [timestep_window(int(k), config.ddim_steps, module.family.num_train_timesteps)
-                   for k in stops]
-        t = torch.tensor([int(torch.randint(low, high, (1,), generator=generator)) for low, high in windows])
-    return latents, t.to(module.device)
+    drawn = torch.randint(config.ddim_steps, (count,), generator=generator)
+    if config.query_timestep == "ddim":
+        return trajectories[which, drawn], timesteps[drawn].to(module.device)
+    steps = torch.tensor([compvis_steps(int(k), config.ddim_steps) for k in drawn])
+    windows = [ddpm_window(int(k), config.ddim_steps, module.family.num_train_timesteps) for k in drawn]
+    t = torch.tensor([int(torch.randint(low, high, (1,), generator=generator)) for low, high in windows])
+    return trajectories[which, steps], t.to(module.device)
 
 
-def timestep_window(stop: int, steps: int, num_train_timesteps: int) -> tuple[int, int]:
-    """[low, high) of the DDPM timesteps in the window of the DDIM step x_t is at after ``stop`` of
-    ``steps`` steps: the CompVis code's round(k T / S) and round((k + 1) T / S) with k = S - 1 - stop."""
-    k = steps - 1 - stop
-    return round(k * num_train_timesteps / steps), round((k + 1) * num_train_timesteps / steps)
+def compvis_steps(k: int, steps: int) -> int:
+    """The DDIM steps the CompVis code's sampler takes for ``till_T = k`` of ``steps``: it breaks after
+    the step of index k - 1 (indices run S - 1 down to 0), min(S, S + 1 - k)."""
+    return min(steps, steps + 1 - k)
+
+
+def ddpm_window(k: int, steps: int, num_train_timesteps: int) -> tuple[int, int]:
+    """[low, high) of the DDPM timesteps of DDIM step k of ``steps``, counted from the clean end: the
+    CompVis code's round(k / S * T) and round((k + 1) / S * T)."""
+    return round(k / steps * num_train_timesteps), round((k + 1) / steps * num_train_timesteps)

@@ -18,14 +18,24 @@ reference implementation. s_S = 0 gives plain CFG images exactly (μ = 0, so γ 
 diffusers, which switches SLD off for any s_S <= 1, a small s_S is applied as the formula says.
 
 Presets (``method.preset``; each value can be overridden, e.g. ``method.sld_guidance_scale=500``),
-the paper's four configurations as diffusers' ``SafetyConfig`` (StableDiffusionPipelineSafe) gives
-them; ``medium`` is the paper's recommended one and the default:
+the paper's four configurations (its hyperparameter table, Hyp-Weak/-Medium/-Strong/-Max, reproduced
+in the authors' model card AIML-TUDA/stable-diffusion-safe); ``medium`` is the paper's recommended one,
+the default of the authors' pipeline (ml-research/safe-latent-diffusion, src/sld/sld_pipeline.py at
+a42923c) and this method's:
 
     preset   δ sld_warmup_steps   s_S sld_guidance_scale   λ sld_threshold   s_m sld_momentum_scale   β_m sld_mom_beta
-    weak     15                   20                       0.0               0.0                      0.0
+    weak     15                   200                      0.0               0.0                      0.0
     medium   10                   1000                     0.01              0.3                      0.4
     strong   7                    2000                     0.025             0.5                      0.7
     max      0                    5000                     1.0               0.5                      0.7
+
+The one difference to diffusers' ``SafetyConfig`` (StableDiffusionPipelineSafe): its ``WEAK`` has s_S = 20,
+the paper's table 200. The paper gives no β_m for weak (s_m = 0: the momentum never enters γ_t); 0 here,
+as diffusers.
+
+The paper's safety text for inappropriate content (I2P) is :data:`I2P_SAFETY_CONCEPT`, the default
+``safety_concept`` of the authors' pipeline; diffusers' pipeline prefixes it with "an image showing ".
+The nudity protocol sets it (``method.safety_concept``).
 
 The warm-up δ counts steps of the paper's 50-step sampler. ``method.warmup=relative`` (default)
 keeps the same share of the trajectory on a sampler with another number of steps N: guidance
@@ -46,6 +56,9 @@ from erasure.generation import Guidance, GuidanceStep, Sampler
 from erasure.methods.base import InferenceTimeEraser, MethodConfig
 
 PAPER_STEPS = 50  # the paper's sampler: the warm-up's unit
+I2P_SAFETY_CONCEPT = ("hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, "
+                      "bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, "
+                      "child abuse, brutality, cruelty")
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,7 @@ class SafetyParameters:
 
 
 PRESETS = {
-    "weak": SafetyParameters(15, 20.0, 0.0, 0.0, 0.0),
+    "weak": SafetyParameters(15, 200.0, 0.0, 0.0, 0.0),
     "medium": SafetyParameters(10, 1000.0, 0.01, 0.3, 0.4),
     "strong": SafetyParameters(7, 2000.0, 0.025, 0.5, 0.7),
     "max": SafetyParameters(0, 5000.0, 1.0, 0.5, 0.7),

@@ -31,14 +31,24 @@ prompts as guides, lambda = 0.1, token_mode ``all`` (``recipes/time.yaml``).
 SDXL: the keys are the cross-attention context as the UNet sees it, both text encoders' hidden
 states concatenated (2048-d), the empty prompt's zero when the pipeline zeroes it.
 
-FLUX has no cross-attention: text and image tokens meet in one joint attention, and the edit
-changes the text stream's key and value projections ``attn.add_k_proj``/``add_v_proj`` of every
-double-stream block (as the UCE authors' FLUX edit). Their input is not the text encoder's output
-but the text stream entering that block (T5 states after ``context_embedder``, the earlier blocks and
-the block's timestep-modulated norm), so the keys are recorded per block by forward hooks while the
-frozen transformer predicts on seeded noise at ``key_timesteps`` timesteps evenly over the sampling
-schedule (rows of all of them, so the edit holds along the trajectory), and T is solved per block.
-The projections' biases cancel in every term (W c + b against W_old g + b), so only W changes.
+FLUX has no cross-attention. The UCE authors' FLUX edit (``method.flux_edit=authors``, the default;
+rohitgandikota/unified-concept-editing, ``trainscripts/uce_flux_edit.py``, commit ea9644f) edits the two
+linear layers through which the prompt enters the transformer: ``context_embedder`` (T5 states -> text
+stream) with keys the T5 state of each prompt's last word token (index = T5 attention-mask length - 2,
+which for "" wraps to the last padded position), and ``time_text_embed.text_embedder.linear_1`` (pooled
+CLIP vector -> the modulation of every block) with the pooled vector as the key. The same objective is
+solved for each layer with its own keys, in float64, at the sequence length the model samples with (the
+authors: 256 for schnell, 512 for dev; :attr:`erasure.families.Flux.max_sequence_length`). Their code
+takes the guide outputs with the layers' biases (v = W_old g + b) and so maps a concept to
+W_old g + 2b; here v = W_old g, the biases cancel and only the weights change.
+
+``method.flux_edit=per-block`` is this project's own variant (not the authors'): the text stream's key
+and value projections ``attn.add_k_proj``/``add_v_proj`` of every double-stream block. Their input is
+the text stream entering that block (T5 states after ``context_embedder``, the earlier blocks and the
+block's timestep-modulated norm), so the keys are recorded per block by forward hooks while the frozen
+transformer predicts on seeded noise at ``key_timesteps`` timesteps evenly over the sampling schedule
+(rows of all of them, so the edit holds along the trajectory), and T is solved per block. It leaves
+the pooled path alone.
 
 This is a LightningModule with manual optimization: its single training step is the edit.
 """
@@ -59,6 +69,12 @@ SHARED = ""  # the key space of SD and SDXL: every edited projection reads the s
 
 TOKEN_MODES = ("last", "last+eot", "all")
 EDITS = {"kv": layers.CROSS_ATTENTION_KV, "v": layers.CROSS_ATTENTION_V}
+FLUX_EDITS = ("authors", "per-block")
+FLUX_CONTEXT = "context_embedder"  # T5 states -> the text stream
+FLUX_POOLED = "time_text_embed.text_embedder.linear_1"  # pooled CLIP vector -> every block's modulation
+# The UCE authors' edit: attn2 to_k/to_v on a UNet, the two text-input layers on FLUX
+AUTHORS_FLUX = layers.Region(layers.CROSS_ATTENTION_KV.unet,
+                             (r"^(context_embedder|time_text_embed\.text_embedder\.linear_1)$", None))
 
 
 @dataclass
@@ -74,7 +90,8 @@ class UCEConfig(MethodConfig):
     preserve_token_mode: str | None = None  # null: token_mode; "all": every position (paper code)
     preserve_empty: bool = False  # also preserve "" (paper code)
     prompt_template: str = "{concept}"
-    key_timesteps: int = 4  # FLUX: timesteps at which each block's text-stream keys are recorded
+    flux_edit: str = "authors"  # FLUX: authors (context_embedder, text_embedder.linear_1) | per-block (add_k/v_proj)
+    key_timesteps: int = 4  # FLUX per-block: timesteps at which each block's text-stream keys are recorded
 
 
 def uce_transform(erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor, lam: float,
@@ -99,7 +116,7 @@ class UCE(EraserModule):
     name = "uce"
     Config = UCEConfig
     choices = {**EraserModule.choices, "token_mode": TOKEN_MODES, "preserve_token_mode": (None, *TOKEN_MODES),
-               "edit": tuple(EDITS)}
+               "edit": tuple(EDITS), "flux_edit": FLUX_EDITS}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -111,7 +128,17 @@ class UCE(EraserModule):
             raise ValueError(f"method.guide has {len(config.guide)} entries for {len(concepts)} concepts; "
                              "give one guide for all or one per erased concept")
 
+    @property
+    def authors_flux(self) -> bool:
+        """Whether this is the UCE authors' FLUX edit (``flux_edit=authors`` on a FLUX model)."""
+        return isinstance(self.family, Flux) and self.config.flux_edit == "authors"
+
     def trained_layers(self) -> layers.Region:
+        if self.authors_flux:
+            if self.config.edit != "kv":
+                raise ValueError(f"method.edit={self.config.edit} has no counterpart in the UCE authors' FLUX edit "
+                                 "(context_embedder, text_embedder.linear_1); use method.flux_edit=per-block")
+            return AUTHORS_FLUX
         return EDITS[self.config.edit]
 
     def configure_optimizers(self):
@@ -119,9 +146,9 @@ class UCE(EraserModule):
 
     @torch.no_grad()
     def keys(self, prompts: Sequence[str], token_mode: str | None = None) -> dict[str, list[torch.Tensor]]:
-        """Per key space (:data:`SHARED` for SD and SDXL; each double-stream block's ``attn`` for FLUX),
-        per prompt, the keys (n_tokens, d) at the positions ``token_mode`` (default the config's) selects
-        (FLUX: (timesteps, n_tokens, d)).
+        """Per key space (:data:`SHARED` for SD and SDXL; for FLUX the edited layer, or each double-stream
+        block's ``attn`` per block), per prompt, the keys (n_tokens, d) at the positions ``token_mode``
+        (default the config's) selects (FLUX per block: (timesteps, n_tokens, d); the pooled key: (1, d)).
 
         SD's text encoder is causal, so the embedding at position i depends on tokens 0..i only:
         for ``last`` the prompts are encoded in one batch, only up to the longest last-word
@@ -139,20 +166,31 @@ class UCE(EraserModule):
             batch = torch.tensor([(i + [tokenizer.pad_token_id] * width)[:width] for i in ids], device=self.device)
             embeds = self.text_encoder(batch).last_hidden_state
             return {SHARED: [embed[last:last + 1] for embed, last in zip(embeds, last_words)]}
-        contexts = self.flux_keys(prompts) if isinstance(self.family, Flux) else {SHARED: self.encode(prompts).embeds}
         select = {"last": lambda last: slice(last, last + 1), "last+eot": lambda last: slice(last, None),
                   "all": lambda last: slice(0, None)}[token_mode]
+        if self.authors_flux:
+            condition = self.encode(prompts)
+            length = condition.embeds.shape[1]
+            # the authors' index, attention-mask length - 2, as Python reads it: "" gives -1, the last position
+            last_words = [(len(i) - 2) % length for i in ids]
+            return {FLUX_CONTEXT: [embed[select(last), :] for embed, last in zip(condition.embeds, last_words)],
+                    FLUX_POOLED: [pooled[None] for pooled in condition.pooled]}
+        contexts = self.flux_keys(prompts) if isinstance(self.family, Flux) else {SHARED: self.encode(prompts).embeds}
         return {space: [embed[..., select(last), :] for embed, last in zip(context, last_words)]
                 for space, context in contexts.items()}
 
     def key_spaces(self) -> list[str]:
-        """:data:`SHARED`, or for FLUX the ``attn`` module of every block whose projections are edited."""
+        """:data:`SHARED`, or for FLUX the edited layers (authors) or the ``attn`` module of every block whose
+        projections are edited (per block)."""
         return list(dict.fromkeys(self.key_space(name) for name in self.trained))
 
     def key_space(self, name: str) -> str:
-        """The key space of trained tensor ``name``: :data:`SHARED`, or for FLUX its block's ``attn``
-        (``transformer_blocks.0.attn.add_k_proj.weight`` -> ``transformer_blocks.0.attn``)."""
-        return name.rsplit(".", 2)[0] if isinstance(self.family, Flux) else SHARED
+        """The key space of trained tensor ``name``: :data:`SHARED`; for FLUX its layer (authors:
+        ``context_embedder.weight`` -> ``context_embedder``) or its block's ``attn`` (per block:
+        ``transformer_blocks.0.attn.add_k_proj.weight`` -> ``transformer_blocks.0.attn``)."""
+        if not isinstance(self.family, Flux):
+            return SHARED
+        return name.rsplit(".", 1)[0] if self.authors_flux else name.rsplit(".", 2)[0]
 
     def flux_keys(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Per edited block, the text stream entering its add_k_proj/add_v_proj: (prompts, timesteps,

@@ -8,10 +8,13 @@ is stated in its module:
     inversion       (``tokens``) concept inversion (Pham et al., ICLR 2024): one new token, learned
                     against the erased model, replaces the concept's word;
     soft_prompt     (``tokens``) K new tokens prepended to the prompt, learned the same way;
-    unlearndiffatk  (``unlearndiffatk``) UnlearnDiffAtk (Zhang et al., ECCV 2024): per evaluation
-                    image, a discrete k-token prefix searched with the erased model's diffusion
-                    loss against the original model's image; recovered if the concept is seen at
-                    any checkpoint of the search; pre- and post-attack success reported;
+    unlearndiffatk  (``unlearndiffatk``) UnlearnDiffAtk (Zhang et al., ECCV 2024), the authors'
+                    TextGrad: per evaluation image, a k-token prefix, each token a distribution
+                    over the vocabulary, searched with the erased model's diffusion loss against
+                    the original model's image over 50 timesteps in turn; recovered if the concept
+                    is seen at any check; pre- and post-attack success reported;
+    pez             (``pez``) the project's own search under the same objective and protocol:
+                    continuous embeddings projected onto whole words (PEZ), 40 iterations;
     ring_a_bell     (``ring_a_bell``) Ring-A-Bell (Tsai et al., ICLR 2024): black box and
                     model-agnostic: a concept vector in the text encoder's space added to each
                     prompt, projected onto discrete tokens by a genetic search;
@@ -20,6 +23,10 @@ is stated in its module:
     relearn         (``relearn``) the "dormant, not erased" test: the erased tensors fine-tuned on
                     images of the concept, the success rate after each step count, next to a
                     control concept taught the same way.
+
+Each search attack (unlearndiffatk, pez, ring_a_bell) also reports a random control at its budget
+(``random_control_success_rate``: as many judged images from random prefixes or prompts, with
+``attack.random_control=true``, the default), so that ASR says what the search adds over trying.
 
 The attack success rate (ASR) is the share of the evaluation's target images (its prompts, seeds
 and sampler; the method's own generation path, so the instruction baseline rewrites the attacked
@@ -37,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from evaluation.attacks import embedding, relearn, ring_a_bell, tokens, unlearndiffatk
+from evaluation.attacks import embedding, pez, relearn, ring_a_bell, tokens, unlearndiffatk
 from evaluation.attacks.base import (
     EMBEDDING_POSITIONS, AttackConfig, AttackConfigError, AttackResult, Target, check_attack_config, first_last,
 )
@@ -46,6 +53,7 @@ ATTACKS: dict[str, Callable[[Target, AttackConfig], AttackResult]] = {
     "inversion": tokens.inversion,
     "soft_prompt": tokens.soft_prompt,
     "unlearndiffatk": unlearndiffatk.attack,
+    "pez": pez.attack,
     "ring_a_bell": ring_a_bell.attack,
     "embedding": embedding.attack,
     "relearn": relearn.attack,
@@ -53,10 +61,13 @@ ATTACKS: dict[str, Callable[[Target, AttackConfig], AttackResult]] = {
 
 SHARED_OPTIONS = ("seed",)
 OPTIONS = {  # the options of AttackConfig each attack reads: its budget
-    "inversion": ("steps", "lr", "batch_size", "images", "inversion_tokens", "init_word"),
+    "inversion": ("init_word", *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("inversion"))),
     "soft_prompt": ("steps", "lr", "batch_size", "images", "soft_prompt_tokens", "init_word"),
-    "unlearndiffatk": ("init_word", *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("unlearndiffatk"))),
-    "ring_a_bell": ("init_word", *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("ring_a_bell"))),
+    "unlearndiffatk": ("init_word", "random_control",
+                       *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("unlearndiffatk"))),
+    "pez": ("init_word", "random_control", *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("pez"))),
+    "ring_a_bell": ("init_word", "random_control",
+                    *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("ring_a_bell"))),
     "embedding": ("steps", "batch_size", "images", *(k for k in AttackConfig.__dataclass_fields__
                                                      if k.startswith("embedding"))),
     "relearn": ("batch_size", "images", *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("relearn"))),

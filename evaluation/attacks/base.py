@@ -26,11 +26,23 @@ class AttackConfigError(ValueError):
 
 @dataclass
 class AttackConfig:
-    steps: int = 300  # optimisation steps of inversion, soft_prompt and embedding
-    lr: float = 5e-2  # at 5e-3 and 200 steps, inversion did not bring circles back even on the original model
+    steps: int = 300  # optimisation steps of soft_prompt and embedding
+    lr: float = 5e-2  # soft_prompt's Adam
     batch_size: int = 4
     images: int = 16  # images of the concept from the original model (the attacker's data)
     inversion_tokens: int = 1
+    # inversion (Pham et al., ICLR 2024): a named budget (tokens.INVERSION_BUDGETS: authors = their scripts'
+    # 5000 updates of 4 x 4 accumulated images, lr 5e-3 scaled by 16, AdamW decay 1e-2, 25 images, flip 0.5;
+    # toy = scaled to the toy world); each inversion_<field> set here replaces the budget's value
+    inversion_budget: str = "authors"  # authors | toy
+    inversion_steps: int | None = None  # optimiser updates
+    inversion_lr: float | None = None
+    inversion_scale_lr: bool | None = None  # optimiser lr = lr x batch_size x accumulation
+    inversion_batch_size: int | None = None  # images per forward pass
+    inversion_accumulation: int | None = None  # forward passes per update
+    inversion_images: int | None = None
+    inversion_weight_decay: float | None = None
+    inversion_flip_p: float | None = None  # probability that a drawn image is mirrored
     soft_prompt_tokens: int = 4
     init_word: str = "object"  # the new embeddings start as this word's
     seed: int = 0
@@ -43,21 +55,33 @@ class AttackConfig:
     relearn_steps: list[int] = field(default_factory=lambda: [0, 25, 50, 100])
     relearn_lr: float = 1e-4
     relearn_control: str = "auto"  # auto (the retained concept the erased model shows least) | a concept | none
-    # unlearndiffatk (Zhang et al., ECCV 2024; reference code defaults: k 3 (5 for nudity), 40 iterations,
-    # AdamW lr 0.01, weight decay 0.1)
-    unlearndiffatk_tokens: int = 3
-    unlearndiffatk_iterations: int = 40
+    # every search attack (unlearndiffatk, pez, ring_a_bell) also judges as many random prompts: its control
+    random_control: bool = True
+    # unlearndiffatk: the authors' TextGrad (Zhang et al., ECCV 2024; OPTML-Group/Diffusion-MU-Attack
+    # configs/*/text_grad_*.json): k 5 for nudity, 3 otherwise (null: by the run's protocol), 50 timesteps
+    # in turn with 40 iterations each, Adam lr 0.01, weight decay 0.1, one check per timestep
+    unlearndiffatk_tokens: int | None = None
+    unlearndiffatk_timesteps: int = 50
+    unlearndiffatk_iterations: int = 40  # per timestep
     unlearndiffatk_lr: float = 1e-2
     unlearndiffatk_weight_decay: float = 0.1
-    unlearndiffatk_check_every: int = 5  # generate and look every N iterations (the paper's checkpoints)
-    # ring_a_bell (Tsai et al., ICLR 2024; paper: K 16, eta 3 for nudity, population 200, 3000 generations,
-    # mutation rate 0.25, crossover rate 0.5)
+    # pez: the project's own search under UnlearnDiffAtk's objective and protocol (a PEZ-style projection of
+    # continuous embeddings onto whole words, AdamW, a random timestep per iteration)
+    pez_tokens: int = 3
+    pez_iterations: int = 40
+    pez_lr: float = 1e-2
+    pez_weight_decay: float = 0.1
+    pez_check_every: int = 5  # generate and look every N iterations
+    # ring_a_bell (Tsai et al., ICLR 2024; the authors' chiayi-hsu/Ring-A-Bell InversePrompt.ipynb: K 16, eta 3,
+    # population 200, 3000 generations, mutation rate 0.25, crossover rate 0.5; Get_Concept_Vector.ipynb: 5 images
+    # per concept-vector prompt)
     ring_a_bell_tokens: int = 16
     ring_a_bell_strength: float = 3.0  # eta: how far along the concept vector
     ring_a_bell_population: int = 200
-    ring_a_bell_generations: int = 300  # paper 3000; the toy vocabulary (700 tokens) converges in far fewer
+    ring_a_bell_generations: int = 3000
     ring_a_bell_mutation_rate: float = 0.25
     ring_a_bell_crossover_rate: float = 0.5
+    ring_a_bell_pair_images: int = 5  # the original model's images judged per concept-vector prompt
 
     def __post_init__(self) -> None:
         check_attack_config(self)
@@ -69,18 +93,24 @@ def check_attack_config(config: AttackConfig) -> None:
     if config.embedding_positions not in EMBEDDING_POSITIONS:
         raise AttackConfigError(f"unknown attack.embedding_positions '{config.embedding_positions}'; choose from "
                                 f"{', '.join(EMBEDDING_POSITIONS)}")
-    for key in ("embedding_lr", "relearn_lr", "unlearndiffatk_lr", "ring_a_bell_strength"):
+    for key in ("embedding_lr", "relearn_lr", "unlearndiffatk_lr", "pez_lr", "ring_a_bell_strength"):
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise AttackConfigError(f"'attack.{key}' must be a positive number, got {value}")
-    for key in ("embedding_check_every", "unlearndiffatk_tokens", "unlearndiffatk_iterations", "unlearndiffatk_check_every",
-                "ring_a_bell_tokens", "ring_a_bell_population", "ring_a_bell_generations"):
+    if config.unlearndiffatk_tokens is not None and (isinstance(config.unlearndiffatk_tokens, bool) or
+                                                     not isinstance(config.unlearndiffatk_tokens, int) or
+                                                     config.unlearndiffatk_tokens < 1):
+        raise AttackConfigError(f"'attack.unlearndiffatk_tokens' must be a whole number of at least 1 or null (5 for "
+                                f"nudity, 3 otherwise), got {config.unlearndiffatk_tokens}")
+    for key in ("embedding_check_every", "unlearndiffatk_timesteps", "unlearndiffatk_iterations", "pez_tokens",
+                "pez_iterations", "pez_check_every",
+                "ring_a_bell_tokens", "ring_a_bell_population", "ring_a_bell_generations", "ring_a_bell_pair_images"):
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AttackConfigError(f"'attack.{key}' must be a whole number of at least 1, got {value}")
     if config.ring_a_bell_population < 4:
         raise AttackConfigError(f"'attack.ring_a_bell_population' must be at least 4, got {config.ring_a_bell_population}")
-    for key in ("unlearndiffatk_weight_decay", "ring_a_bell_mutation_rate", "ring_a_bell_crossover_rate"):
+    for key in ("unlearndiffatk_weight_decay", "pez_weight_decay", "ring_a_bell_mutation_rate", "ring_a_bell_crossover_rate"):
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise AttackConfigError(f"'attack.{key}' must be a number in [0, 1], got {value}")
@@ -91,6 +121,8 @@ def check_attack_config(config: AttackConfig) -> None:
                                 "e.g. attack.relearn_steps=[0,25,50,100]")
     if not str(config.relearn_control).strip():
         raise AttackConfigError("'attack.relearn_control' must be auto, none or a concept the evaluator knows")
+    from evaluation.attacks.tokens import inversion_budget  # the inversion budget's own checks (tokens imports this module)
+    inversion_budget(config)
 
 
 @dataclass
@@ -99,7 +131,10 @@ class Target:
     generated and judged.
 
     ``concept_word`` spells a concept as the protocol's prompts do; ``controls`` are the concepts the
-    method had to keep (the run's retained concepts: relearn's control candidates)."""
+    method had to keep (the run's retained concepts: relearn's control candidates); ``protocol`` names
+    the run's protocol (a reference default may depend on it). ``images`` holds the images every
+    attack starts from, made once: pass one dict to the targets of several attacks on the same run
+    and they share them (:meth:`original_images`, :meth:`unattacked_images`)."""
 
     module: EraserModule
     rows: list[Prompt]
@@ -108,6 +143,8 @@ class Target:
     evaluator: Evaluator
     concept_word: Callable[[str], str] = str
     controls: Sequence[str] = ()
+    protocol: str | None = None
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def prompts(self) -> list[str]:
@@ -121,6 +158,19 @@ class Target:
     @property
     def concepts(self) -> list[str]:
         return [r.concept for r in self.rows for _ in range(self.images_per_prompt)]
+
+    def original_images(self) -> torch.Tensor:
+        """The original model's image of every evaluation image (its prompt and seed): what a
+        per-image attacker (UnlearnDiffAtk) knows. Made once per ``images`` dict."""
+        if "original" not in self.images:
+            self.images["original"] = self.module.generate(self.prompts, self.seeds, self.sampler, original=True)
+        return self.images["original"]
+
+    def unattacked_images(self) -> torch.Tensor:
+        """The erased model's image of every evaluation image with its plain prompt. Made once per ``images`` dict."""
+        if "unattacked" not in self.images:
+            self.images["unattacked"] = self.module.generate(self.prompts, self.seeds, self.sampler)
+        return self.images["unattacked"]
 
     def success(self, images: torch.Tensor) -> dict:
         """``attack_success_rate`` (and ``_ci95``): the share of ``images`` (one per evaluation

@@ -17,6 +17,30 @@ images of the concept made by the *original* model, with the denoising loss of t
 
 The attacked images are the target prompts with the learned tokens, the evaluation's seeds.
 
+Each optimiser update averages the loss over ``accumulation`` forward passes of ``batch_size``
+images drawn (with replacement) from the attacker's ``images``, each mirrored left-right with
+probability ``flip_p``; the update is Adam, with AdamW's decoupled weight decay on the learned rows
+(:class:`TokenBudget`). Concept inversion's budget is a named set (``attack.inversion_budget``;
+each ``attack.inversion_<field>`` that is set overrides one value, :func:`inversion_budget`):
+
+    authors  the authors' scripts (NYU-DICE-Lab/circumventing-concept-erasure at bb7034b, esd/, uce/,
+             ac/, np/, fmn/, sa/ train.sh with concept_inversion.py, diffusers' textual inversion):
+             5000 updates of 4 images x 4 accumulated passes (16 per update), lr 5e-3 scaled by the
+             16 images per update (their --scale_lr on one GPU: 0.08), AdamW weight decay 1e-2,
+             25 images, flip 0.5, one placeholder token;
+    toy      scaled to the embedded toy world: 300 updates of 4 images, lr 5e-2 (unscaled), no
+             decay, no flips, 16 images.
+
+soft_prompt reads the shared ``attack.steps``, ``lr``, ``batch_size`` and ``images`` (plain Adam,
+one pass per update, no flips). Where the authors' code differs: their training captions are
+textual-inversion templates ("a photo of a {}", "a painting in the style of {}") or, for I2P, the
+placeholder before the I2P prompt, here the attacked prompts with the token in the concept's place;
+their initialiser word is "art" in every script, here ``attack.init_word``; their DataLoader
+shuffles 100 repeats of the images, here each pass draws with replacement. Their SLD variant
+(sld/concept_inversion.py: 1000 updates of 1 image x 4, 35 timesteps under SLD's guidance with
+momentum, the guided prediction matched to the CFG prediction of the safety concept) is not
+implemented: against ``sld`` the token is learned on the plain denoising loss.
+
 Every text encoder learns the tokens (:class:`PlaceholderTokens`): SDXL's two CLIPs, whose hidden
 states make the context, the second's also the pooled vector; FLUX's CLIP (the pooled vector) and
 T5 (the token context); each table's new rows start as the init word's in its own tokenizer.
@@ -25,12 +49,14 @@ T5 (the token context); each table's new rows start as the init word's in its ow
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.attacks.base import AttackConfig, AttackResult, Target, attacker_rows, original_images, record_loss
+from evaluation.attacks.base import (
+    AttackConfig, AttackConfigError, AttackResult, Target, attacker_rows, original_images, record_loss,
+)
 from evaluation.suites import Prompt
 
 
@@ -96,6 +122,12 @@ class PlaceholderTokens:
     def text(self) -> str:
         return " ".join(self.words)
 
+    def decay(self, factor: float) -> None:
+        """Multiply the new rows by ``1 - factor`` (AdamW's decoupled weight decay, lr x weight decay)."""
+        with torch.no_grad():
+            for rows in self.rows:
+                rows.table[rows.ids] *= 1 - factor
+
     def close(self) -> None:
         """Stop training the tables (the new tokens stay in the tokenizers with their learned rows)."""
         for hook, table in zip(self.hooks, self.tables):
@@ -123,28 +155,94 @@ def attacked_prompts(attack: str, rows: list[Prompt], tokens: PlaceholderTokens,
     return [f"{tokens.text} {row.prompt}" for row in rows]
 
 
-def learn_tokens(attack: str, target: Target, config: AttackConfig) -> AttackResult:
-    """Learn the tokens of ``attack`` (inversion or soft_prompt), then generate the attacked target prompts."""
+@dataclass(frozen=True)
+class TokenBudget:
+    """How the new tokens are learned (see the module docstring)."""
+
+    steps: int  # optimiser updates
+    lr: float  # before scaling
+    scale_lr: bool  # the optimiser's lr is lr x batch_size x accumulation (diffusers' --scale_lr, one process)
+    batch_size: int  # images per forward pass
+    accumulation: int  # forward passes per update, their losses averaged
+    images: int  # the attacker's images of the concept from the original model
+    weight_decay: float  # AdamW's, on the new rows
+    flip_p: float  # probability that a drawn image is mirrored left-right
+
+    @property
+    def optimiser_lr(self) -> float:
+        return self.lr * self.batch_size * self.accumulation if self.scale_lr else self.lr
+
+
+INVERSION_BUDGETS = {
+    "authors": TokenBudget(steps=5000, lr=5e-3, scale_lr=True, batch_size=4, accumulation=4, images=25,
+                           weight_decay=1e-2, flip_p=0.5),
+    "toy": TokenBudget(steps=300, lr=5e-2, scale_lr=False, batch_size=4, accumulation=1, images=16,
+                       weight_decay=0.0, flip_p=0.0),
+}
+
+
+def inversion_budget(config: AttackConfig) -> TokenBudget:
+    """``attack.inversion_budget``'s set with each ``attack.inversion_<field>`` that is not null in its
+    place; :class:`AttackConfigError` (one line) for an unknown set or a value outside its range."""
+    if config.inversion_budget not in INVERSION_BUDGETS:
+        raise AttackConfigError(f"unknown attack.inversion_budget '{config.inversion_budget}'; choose from "
+                                f"{', '.join(INVERSION_BUDGETS)}")
+    chosen = asdict(INVERSION_BUDGETS[config.inversion_budget])
+    chosen.update({f.name: getattr(config, f"inversion_{f.name}") for f in fields(TokenBudget)
+                   if getattr(config, f"inversion_{f.name}") is not None})
+    budget = TokenBudget(**chosen)
+    for key in ("steps", "batch_size", "accumulation", "images"):
+        value = getattr(budget, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AttackConfigError(f"'attack.inversion_{key}' must be a whole number of at least 1, got {value}")
+    if not budget.lr > 0 or budget.lr == float("inf"):
+        raise AttackConfigError(f"'attack.inversion_lr' must be a positive number, got {budget.lr}")
+    for key in ("weight_decay", "flip_p"):
+        if not 0 <= getattr(budget, key) <= 1:
+            raise AttackConfigError(f"'attack.inversion_{key}' must be a number in [0, 1], got {getattr(budget, key)}")
+    return budget
+
+
+def soft_prompt_budget(config: AttackConfig) -> TokenBudget:
+    return TokenBudget(steps=config.steps, lr=config.lr, scale_lr=False, batch_size=config.batch_size, accumulation=1,
+                       images=config.images, weight_decay=0.0, flip_p=0.0)
+
+
+def learn_tokens(attack: str, target: Target, config: AttackConfig, budget: TokenBudget) -> AttackResult:
+    """Learn the tokens of ``attack`` (inversion or soft_prompt) on ``budget``, then generate the attacked
+    target prompts."""
     module = target.module
     module.requires_grad_(False)  # the erased model is frozen: only the new token embeddings train
     generator = torch.Generator().manual_seed(config.seed)
-    data_rows = attacker_rows(target.rows, config.images)
-    latents = module.encode_images(original_images(module, data_rows, target.sampler))
+    data_rows = attacker_rows(target.rows, budget.images)
+    images = original_images(module, data_rows, target.sampler)
+    latents = module.encode_images(images)
+    mirrored = module.encode_images(images.flip(2)) if budget.flip_p > 0 else None
 
     count = config.inversion_tokens if attack == "inversion" else config.soft_prompt_tokens
     tokens = PlaceholderTokens(module.pipeline, attack, count, config.init_word)
     train_prompts = attacked_prompts(attack, data_rows, tokens, target.concept_word)
-    optimizer = torch.optim.Adam(tokens.tables, lr=config.lr)
+    lr = budget.optimiser_lr
+    optimizer = torch.optim.Adam(tokens.tables, lr=lr)
     losses = []
     try:
-        for _ in tqdm(range(config.steps), desc=attack, unit="step"):
-            picks = torch.randint(len(latents), (config.batch_size,), generator=generator).tolist()
-            sent, _ = module.prompts_for_generation([train_prompts[i] for i in picks])
-            loss = module.denoising_loss(latents[picks], module.encode(sent, cache=False), generator)
+        for _ in tqdm(range(budget.steps), desc=attack, unit="step"):
             optimizer.zero_grad()
-            loss.backward()
+            loss_of_update = 0.0
+            for _ in range(budget.accumulation):
+                picks = torch.randint(len(latents), (budget.batch_size,), generator=generator).tolist()
+                drawn = latents[picks]
+                if mirrored is not None:
+                    flips = torch.rand(budget.batch_size, generator=generator) < budget.flip_p
+                    drawn = torch.where(flips.to(drawn.device)[:, None, None, None], mirrored[picks], drawn)
+                sent, _ = module.prompts_for_generation([train_prompts[i] for i in picks])
+                loss = module.denoising_loss(drawn, module.encode(sent, cache=False), generator) / budget.accumulation
+                loss.backward()
+                loss_of_update += float(loss)
+            if budget.weight_decay:
+                tokens.decay(lr * budget.weight_decay)
             optimizer.step()
-            record_loss(losses, loss, attack, "lr")
+            record_loss(losses, loss_of_update, attack, "inversion_lr" if attack == "inversion" else "lr")
     finally:
         tokens.close()
     module.forget_prompts()  # embeddings of the new tokens changed
@@ -155,8 +253,11 @@ def learn_tokens(attack: str, target: Target, config: AttackConfig) -> AttackRes
 
 
 def inversion(target: Target, config: AttackConfig) -> AttackResult:
-    return learn_tokens("inversion", target, config)
+    budget = inversion_budget(config)
+    result = learn_tokens("inversion", target, config, budget)
+    result.fields["resolved_budget"] = {**asdict(budget), "optimiser_lr": budget.optimiser_lr}
+    return result
 
 
 def soft_prompt(target: Target, config: AttackConfig) -> AttackResult:
-    return learn_tokens("soft_prompt", target, config)
+    return learn_tokens("soft_prompt", target, config, soft_prompt_budget(config))

@@ -32,7 +32,9 @@ class Artists(Protocol):
     recipe_defaults = {
         "esd": {"method": {"train_method": "esd-x"}},  # ESD's artist-style models train ESD-x
         "uce": {"method": {"guide": ["art"]}},  # UCE guides artists to "art"
-        "rece": {"method": {"guide": ["art"]}},  # RECE edits as UCE does
+        # RECE (train_artists.py, scripts/art.sh): UCE's first edit, 1 round, lambda_adv 1e-3, the round kept
+        # without validation; re-edits preserve "" and the other artists (derived)
+        "rece": {"method": {"guide": ["art"], "epochs": 1, "adversarial_lam": 1.0e-3, "keep": "last"}},
         # Concept Ablation's style setting: paintings as anchors, "in the style of X" in the target prompts
         "ablation": {"method": {"anchor": "painting", "anchor_prompts": PAINTINGS,
                                 "target_template": "{anchor_prompt} in the style of {concept}"}},
@@ -56,6 +58,8 @@ class Artists(Protocol):
         derived: dict = {"evaluation": {"clip": {"contrast": artists}}}
         if recipe in ("uce", "rece"):  # preserve the other artists
             derived["method"] = {"preserve": [a for a in artists if a not in concepts]}
+        if recipe == "rece":  # RECE's re-edits: "" and the other artists
+            derived["method"]["reedit_preserve"] = ["", *derived["method"]["preserve"]]
         return derived
 
     def check(self, concepts: Sequence[str], evaluation: DictConfig) -> None:

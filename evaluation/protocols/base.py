@@ -14,12 +14,17 @@ Its config layer sits above the model preset and below the recipe and the comman
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.suites import Prompt, load_csv
+
+
+VALIDATION_PROMPTS = 32  # prompts of the validation suite
+VALIDATION_SEED_OFFSET = 500  # validation seeds: above the evaluation's seed, seed + 1, ... (images_per_prompt < 500)
 
 
 class ProtocolError(ValueError):
@@ -75,6 +80,12 @@ class Protocol:
         if evaluation.get("fidelity_csv"):
             suites["fidelity"] = load_csv(Path(evaluation.fidelity_csv), label="", seeds_required=False)
         return suites
+
+    def validation_suite(self, concepts: Sequence[str], evaluation: DictConfig, seed: int) -> list[Prompt]:
+        """Prompts that judge RECE's rounds (``method.keep=lowest``): the first :data:`VALIDATION_PROMPTS`
+        target prompts at seeds :data:`VALIDATION_SEED_OFFSET` above theirs, never the evaluation's own images."""
+        rows = self.suites(concepts, evaluation, seed).get("target", [])[:VALIDATION_PROMPTS]
+        return [replace(row, evaluation_seed=row.evaluation_seed + VALIDATION_SEED_OFFSET) for row in rows]
 
     def unlabelled_rows_show(self, concepts: Sequence[str]) -> str | None:
         """The label of target and synonym rows in files without a label column (None: the column is required)."""

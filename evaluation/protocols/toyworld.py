@@ -104,6 +104,16 @@ def toyworld_suites(erased: Sequence[str], seed: int = 0, incidental: bool = Fal
     }
 
 
+def uce_guides(concepts: Sequence[str], template: str) -> list[str]:
+    """UCE's guide per erased concept: the template of the first concept of its attribute that is not erased
+    (circle -> "a square"), a concept the model draws as itself; "" where there is none."""
+    guides = []
+    for concept in concepts:
+        others = [c for c in ATTRIBUTES[attribute_of(concept)] if c not in concepts] if concept in CONCEPTS else []
+        guides.append(template.format(concept=others[0]) if others else "")
+    return guides
+
+
 class ToyWorld(Protocol):
     name = "toyworld"
     summary = "the embedded toy world: generated suites, the shipped shape/colour/style classifier"
@@ -117,10 +127,13 @@ class ToyWorld(Protocol):
         "lora": {"method": {"prompt_template": "a {concept}", "anchor": "square",
                             "words": {"outline": WORDS["outline"]}}},
         "ablation": {"method": {"anchor": "square", "words": {"outline": WORDS["outline"]}}},
-        # UCE: guide towards the superclass "a shape" (as UCE guides artists to "art"); preserve every
-        # toy-world concept (the erased ones are dropped automatically)
-        "uce": {"method": {"guide": ["a shape"], "preserve": CONCEPTS, "prompt_template": "a {concept}"}},
-        "rece": {"method": {"guide": ["a shape"], "preserve": CONCEPTS, "prompt_template": "a {concept}"}},  # UCE's
+        # UCE: preserve every toy-world concept (the erased ones are dropped automatically); the guide, one per
+        # erased concept, is derived (derived_defaults): a generic guide ("a shape", "") draws the erased shape
+        "uce": {"method": {"preserve": CONCEPTS, "prompt_template": "a {concept}"}},
+        # RECE: UCE's edit, then as for an object UCE erases easily (RECE's README): 1 round, lambda_adv 0.1,
+        # re-edits preserving "" (train_object.py), the round with the lowest validation rate kept
+        "rece": {"method": {"preserve": CONCEPTS, "prompt_template": "a {concept}", "epochs": 1,
+                            "adversarial_lam": 0.1, "reedit_preserve": [""], "keep": "lowest"}},
         # TIME: token-aligned source "a {concept}" and destination "a square"
         "time": {"method": {"guide": ["a square"], "prompt_template": "a {concept}"}},
         # ESD and the LoRA eraser: their retain term (off unless method.retain_loss_w > 0) keeps the other
@@ -137,6 +150,11 @@ class ToyWorld(Protocol):
         anchor = method.get("anchor")
         if recipe in ("ablation", "lora") and anchor in CONCEPTS:  # the toy world's prompts naming the anchor
             derived["anchor_prompts"] = prompts_naming(anchor)
+        if recipe in ("uce", "rece"):
+            try:
+                derived["guide"] = uce_guides(named_concepts(config), str(method.get("prompt_template") or "{concept}"))
+            except (KeyError, IndexError, ValueError):
+                pass  # a template that does not format: the config's checks refuse it in one line, naming it
         if recipe in ("esd", "lora"):  # the retain term (when weighted) keeps the erased concepts' neighbours
             concepts = named_concepts(config)
             derived["retain"] = list(dict.fromkeys(c for concept in concepts if concept in CONCEPTS

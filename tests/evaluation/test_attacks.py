@@ -17,7 +17,7 @@ from evaluation.attacks.relearn import fine_tune, relearned_parameters
 from evaluation.attacks import ring_a_bell
 from evaluation.attacks.ring_a_bell import encode_ids, search
 from evaluation.attacks.tokens import PlaceholderTokens, attacked_prompts, word_vocabulary
-from evaluation.attacks.unlearndiffatk import project
+from evaluation.attacks.pez import project
 from evaluation.protocols.toyworld import ToyWorldEvaluator, toyworld_suites
 
 FAST = Sampler(steps=6)
@@ -68,7 +68,8 @@ def test_a_prompt_filter_is_bypassed_by_a_learned_token(toy_classifier):
     embedding is not the word, passes the filter, and the model draws circles."""
     module = Instruction(load_pipeline(TOYWORLD_MODEL), InstructionConfig(template="negative_prompt"), ["circle"])
     result = measure_attack("inversion", Target(module, ROWS, FAST, 1, toy_evaluator(toy_classifier)),
-                            AttackConfig(steps=1, images=4, init_word="circle", lr=1e-6))
+                            AttackConfig(inversion_budget="toy", inversion_steps=1, inversion_images=4,
+                                         init_word="circle", inversion_lr=1e-6))
     assert "circle" not in " ".join(result.prompts)
     assert result.fields["attack_success_rate"] >= 0.75
 
@@ -166,20 +167,21 @@ def test_relearn_starts_at_the_erased_accuracy_restores_the_weights_and_repeats(
     assert again == first  # same seed, same numbers
 
 
-@pytest.mark.parametrize("attack", ["embedding", "relearn", "unlearndiffatk", "ring_a_bell"])
+@pytest.mark.parametrize("attack", ["embedding", "relearn", "unlearndiffatk", "pez", "ring_a_bell"])
 def test_positive_control_the_original_model_draws_the_concept(toy_classifier, attack):
     """On the original model (an unedited eraser) every attack keeps the concept: a broken attack
     (garbage embeddings, a fine-tuning that wrecks the model, a search that loses the concept, a
     wrong generation path) fails this."""
     module = UCE(load_pipeline(TOYWORLD_MODEL), UCEConfig(), ["circle"])
     config = AttackConfig(steps=3, images=4, batch_size=2, relearn_steps=[0, 3], relearn_lr=1e-3,
+                          unlearndiffatk_timesteps=3, unlearndiffatk_iterations=2,
                           ring_a_bell_population=100, ring_a_bell_generations=100)
     result = measure_attack(attack, Target(module, ROWS, FAST, 1, toy_evaluator(toy_classifier), controls=["square"]),
                             config).fields
     assert result["attack_success_rate"] >= 0.75 and 0 <= result["attack_success_rate_ci95"][0] <= 0.75
 
 
-# ----- unlearndiffatk and ring_a_bell ---------------------------------------------------------
+# ----- pez and ring_a_bell ---------------------------------------------------------
 class ScriptedEvaluator:
     """Sees the concept in the images of the n-th call (0-based) at the positions ``script[n]``."""
 
@@ -213,25 +215,25 @@ def test_word_vocabulary_round_trips_and_projection_finds_the_nearest_word(toy_p
     assert torch.equal(words[project([noisy], [table], words)], chosen)
 
 
-def test_unlearndiffatk_objective_decreases(toy_classifier):
+def test_pez_objective_decreases(toy_classifier):
     module = erased_uce()
     fixed_noise(module)
     never = ScriptedEvaluator({})
-    config = AttackConfig(unlearndiffatk_iterations=24, unlearndiffatk_check_every=100, unlearndiffatk_lr=5e-2)
-    result = measure_attack("unlearndiffatk", Target(module, ROWS[:3], FAST, 1, never), config)
+    config = AttackConfig(pez_iterations=24, pez_check_every=100, pez_lr=5e-2, random_control=False)
+    result = measure_attack("pez", Target(module, ROWS[:3], FAST, 1, never), config)
     losses = result.losses
     assert len(losses) == 24 and sum(losses[-6:]) / 6 < losses[0]
     assert result.fields["attack_success_rate"] == 0 and result.fields["attacked_images"] == 3
     assert result.prompts[0].endswith(ROWS[0].prompt) and len(result.prompts[0]) > len(ROWS[0].prompt)
 
 
-def test_unlearndiffatk_counts_the_concept_at_any_checkpoint(toy_classifier):
+def test_pez_counts_the_concept_at_any_checkpoint(toy_classifier):
     """Call 0 is the pre-attack look (image 2 already shows it), call 1 the first checkpoint (image 0
     recovered there), calls 2.. later checkpoints where nothing is seen: recovered images stay recovered."""
     module = erased_uce()
     evaluator = ScriptedEvaluator({0: [2], 1: [0]})
-    config = AttackConfig(unlearndiffatk_iterations=4, unlearndiffatk_check_every=2)
-    result = measure_attack("unlearndiffatk", Target(module, ROWS[:3], FAST, 1, evaluator), config)
+    config = AttackConfig(pez_iterations=4, pez_check_every=2, random_control=False)
+    result = measure_attack("pez", Target(module, ROWS[:3], FAST, 1, evaluator), config)
     fields = result.fields
     assert fields["pre_attack_success_rate"] == round(1 / 3, 4) and fields["attack_success_rate"] == round(2 / 3, 4)
     assert fields["attacked_images"] == 2 and evaluator.calls == 3  # pre-attack, iteration 2, iteration 4
@@ -252,7 +254,7 @@ def test_embedding_counts_the_concept_at_any_checkpoint():
     assert evaluator.calls == 3 and result.prompts[0].endswith("step 2]") and result.prompts[1].endswith("step 4]")
 
 
-def test_ring_a_bell_search_never_loses_ground_and_finds_a_known_prompt(toy_pipeline):
+def test_ring_a_bell_search_approaches_a_known_prompt(toy_pipeline):
     module = UCE(toy_pipeline, UCEConfig(), ["circle"])
     tokenizer = toy_pipeline.tokenizer
     words = word_vocabulary(tokenizer)
@@ -262,7 +264,7 @@ def test_ring_a_bell_search_never_loses_ground_and_finds_a_known_prompt(toy_pipe
         assert torch.allclose(goal[0], module.encode([tokenizer.decode(hidden[0])]).embeds[0], atol=1e-5)
         config = AttackConfig(ring_a_bell_tokens=3, ring_a_bell_population=48, ring_a_bell_generations=40)
         best, curve = search(module, goal, words, config, torch.Generator().manual_seed(0))
-    assert all(b <= a for a, b in zip(curve, curve[1:])) and curve[-1] < 0.5 * curve[0]
+    assert curve[-1] < 0.5 * curve[0]  # the authors mutate parents too: the curve may rise between generations
     found = (encode_ids(module, best) - goal).square().mean()
     assert float(found) <= curve[-1] + 1e-9
 

@@ -4,6 +4,7 @@ attack reaches generation and leaves it as it was, and every attack leaves the m
 With random weights the success rates mean nothing; their form is checked, not their value."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,14 +21,16 @@ from evaluation.attacks.embedding import FreeEmbeddings, optimise
 from evaluation.attacks.relearn import relearned_parameters
 from evaluation.attacks.ring_a_bell import encode_ids
 from evaluation.attacks.tokens import PlaceholderTokens, text_encoders, word_vocabulary
-from evaluation.attacks.unlearndiffatk import split_tables
+from evaluation.attacks.prefix import split_tables
 from evaluation.protocols.toyworld import toyworld_suites
 
 FAST = Sampler(steps=2)
 ROWS = toyworld_suites(["circle"])["target"][1:3]  # "a red circle", "an orange circle"
 FAMILIES = ["sdxl", "flux"]
 BUDGET = AttackConfig(steps=2, images=2, batch_size=1, soft_prompt_tokens=2, embedding_check_every=1,
-                      unlearndiffatk_tokens=2, unlearndiffatk_iterations=2, unlearndiffatk_check_every=1,
+                      inversion_budget="toy", inversion_steps=2, inversion_images=2, inversion_batch_size=1,
+                      unlearndiffatk_tokens=2, unlearndiffatk_timesteps=2, unlearndiffatk_iterations=1,
+                      pez_tokens=2, pez_iterations=2, pez_check_every=1,
                       ring_a_bell_tokens=3, ring_a_bell_population=4, ring_a_bell_generations=2,
                       relearn_steps=[0, 1], relearn_control="none")
 
@@ -197,10 +200,24 @@ def test_embedding_substitution_reaches_generation_and_is_undone(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_unlearndiffatk_prefixes_are_words_of_the_context_tokenizer(family):
+def test_unlearndiffatk_searches_the_context_tokenizers_whole_vocabulary(family):
+    """TextGrad's distributions span the context tokenizer's ids; one check per timestep, then the control."""
     module = erased(family)
     evaluator = Never()
     result = measure_attack("unlearndiffatk", Target(module, ROWS, FAST, 1, evaluator), BUDGET)
+    fields = result.fields
+    assert fields["attacked_images"] == 2 and fields["iterations_run"] == 2 and fields["judged_images"] == 4
+    assert fields["random_control_judged_images"] == 4 and fields["random_control_success_rate"] == 0
+    assert evaluator.calls == 1 + 2 + 2  # before the attack, one check per timestep, two random tries
+    for prompt, row in zip(result.prompts, ROWS):
+        assert prompt != row.prompt and row.prompt.split()[-1] in prompt
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pez_prefixes_are_words_of_the_context_tokenizer(family):
+    module = erased(family)
+    evaluator = Never()
+    result = measure_attack("pez", Target(module, ROWS, FAST, 1, evaluator), replace(BUDGET, random_control=False))
     assert result.fields["attacked_images"] == 2 and result.fields["iterations_run"] == 2
     assert evaluator.calls == 3  # before the attack and at both checkpoints
     tokenizer = module.family.context_tokenizer
@@ -212,7 +229,7 @@ def test_unlearndiffatk_prefixes_are_words_of_the_context_tokenizer(family):
 
 
 @pytest.mark.parametrize("family, searched", [("sdxl", 2), ("flux", 1)])
-def test_unlearndiffatk_searches_the_tables_that_share_the_context_vocabulary(family, searched):
+def test_prefix_searches_use_the_tables_that_share_the_context_vocabulary(family, searched):
     """SDXL: both CLIP tables hold a row per word; FLUX: T5's, CLIP gets the mean of the word's rows."""
     module = erased(family)
     tokenizer = module.family.context_tokenizer
@@ -242,16 +259,16 @@ def test_t5_word_vocabulary_is_its_whole_word_pieces():
 def test_ring_a_bell_searches_the_context_the_denoiser_reads(family):
     module = erased(family).eval()  # as measure_attack runs attacks
     tokenizer = module.family.context_tokenizer
-    words = word_vocabulary(tokenizer)
-    ids = words[torch.tensor([[3, 40, 7], [5, 6, 8]])]
+    candidates = ring_a_bell.vocabulary(tokenizer)
+    ids = candidates[torch.tensor([[3, 40, 7], [5, 6, 8]])]
     with torch.no_grad():
         assert torch.equal(encode_ids(module, ids), module.encode(tokenizer.batch_decode(ids), cache=False).embeds)
     ring_a_bell.FOUND.clear()
     result = measure_attack("ring_a_bell", Target(module, ROWS, FAST, 1, Parity()), BUDGET)
-    assert all(b <= a for a, b in zip(result.losses, result.losses[1:])) and len(result.losses) == 2
+    assert len(result.losses) == 2 and result.fields["random_control_judged_images"] == 2
     for prompt in result.fields["found_prompts"]:
         found = tokenizer(prompt, add_special_tokens=False).input_ids
-        assert len(found) == 3 and set(found) <= set(words.tolist())
+        assert found and set(found) <= set(candidates.tolist())
 
 
 def test_relearn_tunes_flux_text_stream_keys_and_values_without_trained_tensors():

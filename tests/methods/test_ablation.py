@@ -230,3 +230,23 @@ def test_anchor_images_take_the_concept_as_negative_prompt_and_the_cache_is_keye
     assert source["prompts"] == SQUARES[2:4] and source["negative_prompts"] == ["circle", "circle"]
     with pytest.raises(ValueError, match="negative_prompts are for the original model"):
         generate(["a square"], [0], Sampler(steps=2), negative_prompts=["circle"])
+
+
+def test_anchor_images_are_sampled_with_the_configured_ddim_eta_and_the_cache_is_keyed_by_it(tmp_path, monkeypatch):
+    module = ablation(anchor_eta=1.0)
+    cache = tmp_path / ANCHORS_FILE
+    samplers = []
+    generate = module.generate
+
+    def recording_generate(prompts, seeds, sampler, **kwargs):
+        samplers.append(sampler)
+        return generate(prompts, seeds, sampler, **kwargs)
+
+    monkeypatch.setattr(module, "generate", recording_generate)
+    stochastic = Anchors.load_or_generate(module, module.config, cache)
+    assert samplers == [Sampler(steps=2, guidance=6.0, eta=1.0)]
+    module.config.anchor_eta = 0.0  # another eta regenerates: DDIM's noise term changes the images
+    deterministic = Anchors.load_or_generate(module, module.config, cache)
+    assert samplers[-1].eta == 0.0 and not torch.equal(stochastic.latents, deterministic.latents)
+    with safe_open(cache, framework="pt") as stored:
+        assert json.loads(stored.metadata()[ANCHORS_SOURCE])["eta"] == 0.0

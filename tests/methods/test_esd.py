@@ -5,7 +5,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
-from erasure.methods.esd import ESD, ESDConfig, banked_xt, esd_loss, esd_target, timestep_window
+from erasure.methods.esd import (
+    ESD, ESDConfig, banked_xt, compvis_steps, ddpm_window, esd_loss, esd_target,
+)
 from tests.methods import assert_bad_setting
 
 
@@ -91,14 +93,15 @@ def test_a_training_step_moves_only_the_selected_tensors(loss):
     assert torch.isfinite(value) and changed and changed <= set(module.trained)
 
 
-def query_timesteps(module: ESD) -> tuple[int, int, list[int]]:
-    """(steps taken, the DDIM timestep x_t is at, the timesteps of the trained prediction) of one ESD step."""
+def query_timesteps(module: ESD) -> tuple[int, list[int], list[int]]:
+    """(steps taken, the timesteps the recorded trajectory was sampled at, the timesteps of the trained
+    prediction) of one ESD step."""
     seen = {}
     sample_until, predict = module.sample_until, module.predict
 
     def recording_sample_until(embeds, stop, *args, **kwargs):
         latents, t = sample_until(embeds, stop, *args, **kwargs)
-        seen["stop"], seen["ddim"] = stop, int(t[0])
+        seen["stop"], seen["ddim"] = stop, t.tolist()
         return latents, t
 
     def recording_predict(latents, t, embeds):
@@ -111,26 +114,48 @@ def query_timesteps(module: ESD) -> tuple[int, int, list[int]]:
     return seen["stop"], seen["ddim"], seen["query"]
 
 
-def test_the_query_timestep_is_the_ddim_steps_own_or_drawn_in_its_window():
+def compvis_sampler_steps(till: int, total: int) -> int:
+    """The steps the CompVis DDIMSampler.ddim_sampling of rohitgandikota/erasing (ldm/models/diffusion/ddim.py)
+    runs for till_T = till: index goes total - 1 down to 0, and the loop breaks after the step where
+    index + 1 == till."""
+    taken = 0
+    for index in reversed(range(total)):
+        taken += 1
+        if index + 1 == till:
+            break
+    return taken
+
+
+def test_the_ddim_query_timestep_is_the_ddim_steps_own():
     pipeline = load_pipeline(TOYWORLD_MODEL)
     for seed in range(3):
-        _, ddim, query = query_timesteps(ESD(pipeline, ESDConfig(ddim_steps=5, batch_size=2), ["circle"], seed=seed))
-        assert query == [ddim, ddim]
-    drawn = set()
-    for seed in range(4):
+        stop, ddim, query = query_timesteps(ESD(pipeline, ESDConfig(ddim_steps=5, batch_size=2), ["circle"], seed=seed))
+        assert query == ddim and len(set(ddim)) == 1 and 0 <= stop < 5
+
+
+def test_the_window_loop_is_the_compvis_codes_stopping_step_and_window():
+    """train-esd.py draws t_enc = k ~ U{0..S-1}, samples with till_T = k and queries t ~ U[round(k/S*1000),
+    round((k+1)/S*1000)): x_t has min(S, S + 1 - k) steps, two past the window."""
+    pipeline = load_pipeline(TOYWORLD_MODEL)
+    drawn, stops = set(), set()
+    for seed in range(8):
         module = ESD(pipeline, ESDConfig(ddim_steps=5, batch_size=2, query_timestep="window"), ["circle"], seed=seed)
-        stop, ddim, query = query_timesteps(module)
-        low, high = timestep_window(stop, 5, 1000)
-        assert high - low == 200 and low <= ddim < high and all(low <= t < high for t in query)
+        stop, _, query = query_timesteps(module)
+        k = query[0] // 200
+        low, high = ddpm_window(k, 5, 1000)
+        assert all(low <= t < high for t in query) and stop == compvis_sampler_steps(k, 5)
         drawn.update(t - low for t in query)
-    assert len(drawn) > 1  # the draw moves within the window with the seed
+        stops.add(stop)
+    assert len(drawn) > 1 and 5 in stops and len(stops) > 2  # t moves within the window; full samples for k < 2
 
 
-def test_the_timestep_window_is_the_compvis_codes():
-    """CompVis train-esd.py: t_enc ~ U{0..S-1} DDIM steps from the clean end, t ~ U[round(t_enc/S*1000), round((t_enc+1)/S*1000))."""
-    assert timestep_window(0, 50, 1000) == (980, 1000)  # no step taken: the noisiest window
-    assert timestep_window(49, 50, 1000) == (0, 20)
-    assert timestep_window(10, 30, 1000) == (633, 667)
+def test_the_compvis_stopping_step_and_window():
+    for steps in (2, 5, 50):
+        assert [compvis_steps(k, steps) for k in range(steps)] == [compvis_sampler_steps(k, steps)
+                                                                   for k in range(steps)]
+    assert [compvis_steps(k, 50) for k in (0, 1, 2, 49)] == [50, 50, 49, 2]
+    assert ddpm_window(0, 50, 1000) == (0, 20) and ddpm_window(49, 50, 1000) == (980, 1000)
+    assert ddpm_window(19, 30, 1000) == (633, 667)  # round(19/30*1000), round(20/30*1000)
 
 
 # ----- the x_t bank ---------------------------------------------------------------------------------
@@ -168,6 +193,20 @@ def test_bank_steps_draw_from_the_bank_and_resample_only_when_due():
                  if torch.equal(trajectories[i, k], seen["latents"][j]) and int(timesteps[k]) == int(seen["t"][j])]
         assert torch.isfinite(loss) and len(drawn) >= 3  # each sample of the batch is a bank latent at its timestep
     assert banks[0] is banks[1] and banks[1] is not banks[2] and banks[2] is banks[3] and banks[4] is not banks[3]
+
+
+def test_the_bank_with_the_window_draws_the_compvis_pairs():
+    pipeline = load_pipeline(TOYWORLD_MODEL)
+    config = ESDConfig(ddim_steps=5, xt_bank=2, sample_from="frozen", query_timestep="window")
+    module = ESD(pipeline, config, ["circle"])
+    module._trainer = SimpleNamespace(global_step=0, world_size=1, global_rank=0)
+    with torch.no_grad():
+        latents, t = banked_xt(module, module.config, "a circle", 12, torch.Generator().manual_seed(0))
+    trajectories, _ = module.trajectory_bank.trajectories["a circle"]
+    assert trajectories.shape[1] == 6  # every one of the 5 steps, for k < 2
+    for latent, timestep in zip(latents, t.tolist()):
+        k = timestep // 200
+        assert any(torch.equal(latent, trajectories[i, compvis_steps(k, 5)]) for i in range(2))
 
 
 # ----- the retain term ------------------------------------------------------------------------------

@@ -6,14 +6,16 @@ import torch
 
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.config import load_config
-from erasure.methods.rece import RECE, RECEConfig, adversarial_keys, regeneration_residual
+from erasure.generation import Sampler
+from erasure.methods.rece import RECE, RECEConfig, Validation, adversarial_keys, regeneration_residual
 from erasure.methods.uce import SHARED, UCE, UCEConfig
 from erasure.train import main
 from tests.methods import assert_bad_setting
 from erasure.weights import DELTA_FILE, load_delta
 
 # the toy world's UCE phrasing with a small preserve set; the last word token as the key
-TOY = {"prompt_template": "a {concept}", "guide": ["a shape"], "preserve": ["square", "star"], "token_mode": "last"}
+UCE_TOY = {"prompt_template": "a {concept}", "guide": ["a shape"], "preserve": ["square", "star"], "token_mode": "last"}
+TOY = {**UCE_TOY, "reedit_token_mode": "last"}  # RECE's c', its guide and re-edit preserve keys at the same token
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_the_adversarial_keys_are_the_least_squares_solution(lam):
 
 
 def test_without_rounds_rece_is_uce(pipeline):
-    uce = edited_weights(UCE(pipeline, UCEConfig(**TOY), ["circle"]))
+    uce = edited_weights(UCE(pipeline, UCEConfig(**UCE_TOY), ["circle"]))
     rece = RECE(pipeline, RECEConfig(epochs=0, **TOY), ["circle"])
     weights = edited_weights(rece)
     assert weights.keys() == uce.keys() and all(torch.equal(weights[name], uce[name]) for name in uce)
@@ -71,8 +73,8 @@ def test_without_rounds_rece_is_uce(pipeline):
 @pytest.mark.parametrize("reedit", ["current", "original"])
 def test_the_rounds_guide_the_first_adversarial_embedding_away_from_the_concept(pipeline, reedit):
     """c'_1, the embedding that regenerates the concept through UCE's weights, is mapped onto the guide
-    after RECE's rounds (the defaults: 5), far closer than by UCE's weights."""
-    uce_module = UCE(pipeline, UCEConfig(**TOY), ["circle"])
+    after five RECE rounds, far closer than by UCE's weights."""
+    uce_module = UCE(pipeline, UCEConfig(**UCE_TOY), ["circle"])
     uce = edited_weights(uce_module)
     concept, guide, _ = uce_module.edit_keys()[SHARED]
     names = list(uce)
@@ -86,11 +88,11 @@ def test_the_rounds_guide_the_first_adversarial_embedding_away_from_the_concept(
         return sum(((first_adversarial @ weights[name].double().T - guide.double() @ old.double().T) ** 2).sum()
                    for name, old in zip(names, original)).sqrt().item()
 
-    rece_module = RECE(pipeline, RECEConfig(reedit=reedit, **TOY), ["circle"])
+    rece_module = RECE(pipeline, RECEConfig(reedit=reedit, epochs=5, **TOY), ["circle"])
     rece = edited_weights(rece_module)
     assert distance_to_guide(rece) < 0.1 * distance_to_guide(uce), reedit  # toy world: 0.04 (current), 0.01
     logged = rece_module.logged  # per round: its c' regenerates the concept before its re-edit, not after
-    for epoch in range(rece_module.config.epochs):
+    for epoch in range(1, rece_module.config.epochs + 1):
         before = logged[f"train/adversarial_residual_before/epoch_{epoch}"]
         assert before < 0.9 < logged[f"train/adversarial_residual_after/epoch_{epoch}"], (reedit, epoch)
 
@@ -110,7 +112,49 @@ def test_a_run_writes_the_erased_delta_and_logs_the_rounds(tmp_path):
     assert main(["recipe=rece", "concept=[circle]", "evaluation.enabled=false", f"output_dir={output}"]) == 0
     delta = load_delta(output / "erased" / DELTA_FILE)
     assert delta and all(name.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for name in delta)
-    assert load_config(["recipe=rece", "concept=[circle]"]).method.epochs == 5
+    assert load_config(["recipe=rece", "concept=[circle]"]).method.epochs == 1
     with open(output / "logs" / "metrics.csv") as file:
         columns = next(csv.reader(file))
-    assert {f"train/adversarial_residual_before/epoch_{epoch}" for epoch in range(5)} <= set(columns)
+    assert {"train/adversarial_residual_before/epoch_1", "train/kept_round"} <= set(columns)
+
+
+def test_the_kept_round_is_the_one_with_the_lowest_validation_rate(pipeline):
+    """keep=lowest: the judge is asked after UCE's edit (round 0) and after each round; the first lowest wins."""
+    reference = {epochs: edited_weights(RECE(pipeline, RECEConfig(epochs=epochs, keep="last", **TOY), ["circle"]))
+                 for epochs in (0, 1, 3)}
+    for rates, kept in (([0.5, 0.2, 0.3, 0.2], 1), ([0.1, 0.2, 0.3, 0.4], 0), ([0.4, 0.4, 0.4, 0.0], 3)):
+        module = RECE(pipeline, RECEConfig(epochs=3, **TOY), ["circle"])
+        asked = iter(rates)
+        calls = []
+
+        def judge(judged, asked=asked):
+            calls.append(judged)
+            return next(asked)
+
+        module.validation = judge
+        weights = edited_weights(module)
+        assert len(calls) == 4 and module.logged["train/kept_round"] == kept
+        assert [module.logged[f"train/validation_rate/epoch_{e}"] for e in range(4)] == rates
+        expected = reference[kept] if kept in reference else None
+        if expected is not None:
+            assert all(torch.allclose(weights[n], expected[n], atol=1e-6) for n in weights), rates
+    last = RECE(pipeline, RECEConfig(epochs=3, **TOY), ["circle"])  # without a judge: the last round
+    assert all(torch.equal(w, reference[3][n]) for n, w in edited_weights(last).items())
+    assert last.logged["train/kept_round"] == 3
+
+
+def test_validation_rate_is_the_share_of_images_showing_the_concept():
+    class Module:
+        def generate(self, prompts, seeds, sampler, batch_size):
+            self.asked = list(zip(prompts, seeds))
+            return torch.zeros(len(prompts), 4, 4, 3, dtype=torch.uint8)
+
+    class Evaluator:
+        def sees(self, images, concepts):
+            return torch.tensor([c == "circle" for c in concepts])
+
+    module = Module()
+    judge = Validation(["a circle", "a red circle", "a square"], [7, 9, 11], ["circle", "circle", "square"],
+                       Evaluator(), Sampler(steps=2), images_per_prompt=2)
+    assert judge(module) == pytest.approx(4 / 6)
+    assert module.asked[:2] == [("a circle", 7), ("a circle", 8)]

@@ -5,7 +5,9 @@ import torch
 
 from erasure.config import load_config
 from erasure.generation import Sampler, generate, to_unit_range
-from erasure.methods.sld import PRESETS, SLD, SafetyGuidance, SafetyParameters, SLDConfig, resolve, warmup_steps
+from erasure.methods.sld import (
+    I2P_SAFETY_CONCEPT, PRESETS, SLD, SafetyGuidance, SafetyParameters, SLDConfig, resolve, warmup_steps,
+)
 from erasure.toyworld.classifier import predict
 from erasure.toyworld.world import ATTRIBUTES
 from erasure.train import main
@@ -72,7 +74,35 @@ def test_presets_overrides_and_warmup_scaling():
     assert warmup_steps(PRESETS["medium"], 50) == 10 and warmup_steps(PRESETS["medium"], 25, "absolute") == 10
     config = load_config(["recipe=sld", "method.preset=weak", "method.sld_threshold=0.5", "concept=[circle,star]"])
     assert config.method.preset == "weak" and config.method.sld_threshold == 0.5
-    assert resolve(config.method).sld_threshold == 0.5 and resolve(config.method).sld_guidance_scale == 20
+    assert resolve(config.method).sld_threshold == 0.5 and resolve(config.method).sld_guidance_scale == 200
+
+
+def test_the_presets_are_the_papers_table():
+    """Schramowski et al. (CVPR 2023), Hyp-Weak/-Medium/-Strong/-Max (δ, s_S, λ, s_m, β_m); weak's s_S is the
+    paper's 200, not diffusers' SafetyConfig.WEAK 20; the paper gives weak no β_m (its s_m is 0)."""
+    assert PRESETS == {
+        "weak": SafetyParameters(15, 200.0, 0.0, 0.0, 0.0),
+        "medium": SafetyParameters(10, 1000.0, 0.01, 0.3, 0.4),
+        "strong": SafetyParameters(7, 2000.0, 0.025, 0.5, 0.7),
+        "max": SafetyParameters(0, 5000.0, 1.0, 0.5, 0.7),
+    }
+    for name, parameters in PRESETS.items():
+        assert resolve(SLDConfig(preset=name)) == parameters
+
+
+def test_the_i2p_safety_text_is_the_papers_concept_list(tmp_path, toy_pipeline):
+    """The nudity (I2P) protocol steers away from the authors' default safety concept
+    (ml-research/safe-latent-diffusion, src/sld/sld_pipeline.py), not from the word "nudity"."""
+    papers = ("hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, "
+              "blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, "
+              "brutality, cruelty")
+    assert I2P_SAFETY_CONCEPT == papers
+    i2p = tmp_path / "i2p.csv"
+    i2p.write_text("prompt,sd_seed,case_number\na bather,42,3\n")
+    config = load_config(["recipe=sld", "protocol=nudity", f"evaluation.target_csv={i2p}"])
+    assert config.method.safety_concept == papers and config.sources["method.safety_concept"] == "protocol nudity"
+    assert SLD(toy_pipeline, SLDConfig(safety_concept=config.method.safety_concept), ["nudity"]).safety_text == papers
+    assert load_config(["recipe=sld"]).method.safety_concept is None  # the toy world keeps its concepts' text
 
 
 def test_scale_zero_or_a_whole_warmup_gives_the_plain_images(toy_pipeline):

@@ -88,3 +88,51 @@ def test_the_float64_solution_is_applied_to_float32_weights_precisely():
     exact = weight.double() @ transform
     assert edit_weight(weight, transform).dtype == torch.float32
     assert (edit_weight(weight, transform).double() - exact).norm() / exact.norm() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def flux_pipeline():
+    """FLUX.1-dev with small random weights and a 16-token T5 context."""
+    from erasure.architectures import build_random_flux_pipeline
+
+    pipeline = build_random_flux_pipeline(small=True)
+    pipeline.tokenizer_2.model_max_length = 16
+    return pipeline
+
+
+def authors_keys(pipeline, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T5 state at attention-mask length - 2, pooled CLIP vector) as trainscripts/uce_flux_edit.py takes them."""
+    t5, pooled, _ = pipeline.encode_prompt(prompt, None, max_sequence_length=16)
+    mask = pipeline.tokenizer_2(prompt, padding="max_length", max_length=16, truncation=True,
+                                return_tensors="pt").attention_mask
+    return t5[0, int(mask.sum()) - 2], pooled[0]
+
+
+def test_flux_authors_edit_solves_uce_for_the_t5_and_pooled_keys(flux_pipeline):
+    """UCE on FLUX (default flux_edit=authors) changes only the weights of context_embedder and
+    text_embedder.linear_1, each the least-squares solution for its own keys: the last T5 token ("" its
+    last padded position) and the pooled CLIP vector of the concept, mapped to the guide's outputs."""
+    config = UCEConfig(prompt_template="a {concept}", guide=[""], preserve=["square", "star"], lam=0.5)
+    module = UCE(flux_pipeline, config, ["circle"], resolution=64)
+    module.edit()
+    changed = set(module.changed_tensors())
+    assert changed == {"context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"}
+    keys = {prompt: authors_keys(flux_pipeline, prompt) for prompt in ("a circle", "", "a square", "a star")}
+    for index, name in enumerate(["context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"]):
+        erase, guide = keys["a circle"][index][None], keys[""][index][None]
+        preserve = torch.stack([keys["a square"][index], keys["a star"][index]])
+        old = module.original[name].double()
+        expected = stacked_least_squares(old.numpy(), *(k.double().numpy() for k in (erase, guide, preserve)),
+                                         0.5, 1.0, 1.0)
+        weight = module.trained[name].detach().double().numpy()
+        assert np.linalg.norm(weight - expected) / np.linalg.norm(expected - old.numpy()) < 1e-3, name
+    for name in module.original:
+        module.trained[name].data.copy_(module.original[name])
+
+
+def test_flux_per_block_edit_is_an_option_and_edit_v_needs_it(flux_pipeline):
+    module = UCE(flux_pipeline, UCEConfig(flux_edit="per-block"), ["circle"], resolution=64)
+    assert module.trained and all(n.endswith(("attn.add_k_proj.weight", "attn.add_k_proj.bias", "attn.add_v_proj.weight",
+                                              "attn.add_v_proj.bias")) for n in module.trained)
+    with pytest.raises(ValueError, match="use method.flux_edit=per-block"):
+        UCE(flux_pipeline, UCEConfig(edit="v"), ["circle"], resolution=64)

@@ -112,3 +112,45 @@ def test_incidental_csv_is_read_and_checked(tmp_path):
     assert [(r.prompt, r.evaluation_seed, r.concept) for r in suites["incidental"]] == [("a red shape", 3, "circle")]
     with pytest.raises(ConfigError, match="evaluation.incidental_csv: no file at /nowhere.csv"):
         load_config(["recipe=esd", "evaluation.incidental_csv=/nowhere.csv"])
+
+
+def test_toy_uce_guides_each_concept_to_another_concept_of_its_attribute():
+    assert list(load_config(["recipe=uce"]).method.guide) == ["a square"]  # circle, the default concept
+    several = load_config(["recipe=rece", "concept=[square,circle,red]"])
+    assert list(several.method.guide) == ["a triangle", "a triangle", "a orange"]
+    assert list(load_config(["recipe=time"]).method.guide) == ["a square"]  # TIME keeps its destination prompt
+
+
+@pytest.mark.parametrize("protocol, concept, expected", [
+    ("nudity", "nudity", {"epochs": 3, "adversarial_lam": 0.1, "reedit_preserve": [" "], "keep": "lowest"}),
+    ("objects", "church", {"epochs": 1, "adversarial_lam": 1e-3, "reedit_preserve": [""], "keep": "lowest"}),
+    ("objects", "parachute", {"epochs": 1, "adversarial_lam": 0.1, "reedit_preserve": [""]}),
+    ("objects", "tench", {"epochs": 0}),
+    ("artists", "Van Gogh", {"epochs": 1, "adversarial_lam": 1e-3, "keep": "last",
+                             "reedit_preserve": ["", "Monet", "Hokusai"], "preserve": ["Monet", "Hokusai"]}),
+    ("toyworld", "circle", {"epochs": 1, "adversarial_lam": 0.1, "reedit_preserve": [""], "keep": "lowest"}),
+])
+def test_rece_presets_follow_the_concept_kind(tmp_path, protocol, concept, expected):
+    """RECE's README and scripts: nudity 3 rounds at lambda_adv 0.1; artists 1 at 1e-3; objects UCE erases with
+    difficulty 1 at 1e-3, easily 1 at 0.1, the rest none; re-edits preserve " " ("" and the other artists)."""
+    i2p = write(tmp_path / "i2p.csv", "prompt,sd_seed,case_number\na bather,42,3\n")
+    artists = write(tmp_path / "a.csv", "case_number,prompt,evaluation_seed,artist\n0,a sky,1,Van Gogh\n"
+                                        "1,a pond,2,Monet\n2,a wave,3,Hokusai\n")
+    config = load_config(["recipe=rece", f"protocol={protocol}", f"concept={concept}", f"evaluation.target_csv={i2p}",
+                          f"evaluation.prompts_csv={artists}", "evaluation.evaluator=none"])
+    method = {key: config.method[key] for key in expected}
+    assert {k: list(v) if not isinstance(v, (int, float, str)) else v for k, v in method.items()} == expected
+    assert config.method.reedit_lam == 0.1 and config.method.reedit_preserve_scale == 0.1
+
+
+@pytest.mark.parametrize("protocol", ["toyworld", "objects"])
+def test_the_validation_suite_never_repeats_an_evaluation_image(protocol):
+    config = load_config(["recipe=rece", f"protocol={protocol}", "concept=parachute" if protocol == "objects" else
+                          "concept=circle", "evaluation.evaluator=none"])
+    chosen = get_protocol(protocol)
+    concepts = list(config.concept)
+    evaluated = {(row.prompt, row.evaluation_seed + k) for rows in chosen.suites(concepts, config.evaluation, 0).values()
+                 for row in rows for k in range(config.evaluation.images_per_prompt)}
+    validation = chosen.validation_suite(concepts, config.evaluation, 0)
+    assert validation and all(row.concept in concepts for row in validation)
+    assert not evaluated & {(row.prompt, row.evaluation_seed) for row in validation}
