@@ -1,5 +1,9 @@
 """Concept Ablation (Kumari et al., "Ablating Concepts in Text-to-Image Diffusion Models", ICCV 2023).
 
+Reference: nupurkmr9/concept-ablation at c11fb1b (``diffusers/train.py`` and ``diffusers/README.md``,
+``compvis/train.py``, ``configs/finetune_{style,object}.yaml``, ``src/utils.py``); the conformance page
+(docs/conformance.md) lists what is equal and what differs.
+
 An anchor prompt c ("a red square") and its target prompt c* (the same prompt naming the
 erased concept: "a red circle"). x_t is a noised latent of an *anchor image*, generated once
 by the base model from anchor prompts and cached in the run directory. The model-based
