@@ -2,10 +2,12 @@
 
     python -m benchmarks.depth                                  # the grid below, into runs/depth
     python -m benchmarks.depth --output runs/depth --attacks unlearndiffatk embedding relearn
+    python -m benchmarks.depth --attack unlearndiffatk_timesteps=10   # a reduced TextGrad budget, named in depth.csv
 
 Each setting of the grid (one method, its erasure strength turned down from the toy preset towards
 paper-like gentleness) is trained and evaluated as ``python -m erasure.train`` does, then attacked
-(``evaluation.attacks``, default budgets); a finished run and its cached attack results are reused,
+(``evaluation.attacks``, default budgets; ``--attack KEY=VALUE`` changes one, as ``attack.KEY=VALUE``
+does for ``erasure.attack``); a finished run and its cached attack results are reused,
 so an interrupted sweep continues where it stopped. Writes <output>/depth.csv (one row per
 setting: target and retained accuracy, KID, each attack's success rate) and <output>/depth.png
 (attack success against target accuracy, one line per method, ordered by strength).
@@ -19,14 +21,15 @@ import json
 from pathlib import Path
 
 import matplotlib
+from omegaconf import OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from erasure.config import load_config  # noqa: E402
+from erasure.config import ConfigError, load_config, merge_into_schema, parse_overrides  # noqa: E402
 from erasure.io import atomic_save  # noqa: E402
 from erasure.runs import attack_run, train  # noqa: E402
-from evaluation.attacks import AttackConfig  # noqa: E402
+from evaluation.attacks import AttackConfig, AttackConfigError  # noqa: E402
 
 CONCEPT = "circle"
 # (method, label, overrides), strongest first within a method; no overrides: the recipe's default on
@@ -51,6 +54,12 @@ ATTACKS = ("unlearndiffatk", "embedding", "relearn")
 # every method in the loop its step counts were set for: ESD's and its settings' in the paper's (x_t
 # sampled every step by the trained model; the toy preset's default is the x_t bank since it was measured)
 LOOP = {"esd": ["method.sample_from=trained", "method.xt_bank=0"]}
+
+
+def attack_config(options: list[str]) -> AttackConfig:
+    """The attacks' budget: the defaults with each ``KEY=VALUE`` of ``options`` applied and checked."""
+    overrides = parse_overrides(options)
+    return OmegaConf.to_object(merge_into_schema(OmegaConf.structured(AttackConfig), overrides))
 
 
 def run_setting(output: Path, method: str, overrides: list[str]) -> Path:
@@ -92,17 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("runs/depth"))
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
+                        help="an attack option (evaluation.attacks.AttackConfig), e.g. unlearndiffatk_timesteps=10")
     args = parser.parse_args(argv)
+    try:
+        config = attack_config(args.attack)
+    except (ConfigError, AttackConfigError) as error:
+        parser.error(str(error))
     rows = []
     for method, label, overrides in GRID:
         print(f"== {method}: {label}", flush=True)
         folder = run_setting(args.output, method, overrides)
         metrics = json.loads((folder / "metrics.json").read_text())["after"]
-        results = attack_run(folder, args.attacks, AttackConfig())
+        results = attack_run(folder, args.attacks, config)
         rows.append({"method": method, "setting": label, "default": not overrides, "run": str(folder),
                      "target_acc": metrics["efficacy/target_acc"], "retained_acc": metrics["specificity/retained_acc"],
                      "kid": metrics.get("fidelity/kid"),
-                     **{f"{a}_asr": results[a]["attack_success_rate"] for a in args.attacks}})
+                     **{f"{a}_asr": results[a]["attack_success_rate"] for a in args.attacks},
+                     "attack_options": " ".join(args.attack)})
     args.output.mkdir(parents=True, exist_ok=True)
     with (args.output / "depth.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -46,7 +46,7 @@ def peak_mib() -> float:
 
 
 def load(model: str, latent: int):
-    from erasure.architectures import build_random_pipeline
+    from erasure.toyworld.real_architectures import build_random_pipeline
     from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 
     return load_pipeline(TOYWORLD_MODEL) if model == "toy" else build_random_pipeline(model, sample_size=latent)

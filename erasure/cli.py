@@ -1,9 +1,12 @@
-"""The shared shape of the command-line entry points: help, one-line errors, exit codes."""
+"""The shared shape of the command-line entry points: help, one-line errors, exit codes, and the
+console for the ``erasure`` loggers (progress on stdout, warnings on stderr)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from erasure.bundle import ModelLoadError
 from erasure.config import ConfigError
@@ -11,6 +14,30 @@ from erasure.weights import DeltaError
 from evaluation.attacks import AttackConfigError
 
 BAD_INPUT = (ConfigError, ModelLoadError, DeltaError, AttackConfigError)  # exit code 2
+
+
+@contextlib.contextmanager
+def console() -> Iterator[None]:
+    """The ``erasure`` loggers' records on the console while a command runs: below WARNING on stdout, the
+    rest on stderr, as plain lines."""
+    logger = logging.getLogger("erasure")
+    progress, warnings = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    warnings.setLevel(logging.WARNING)
+    handlers = (progress, warnings)
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def run_command(help_text: str, action: Callable[[list[str]], object], argv: list[str] | None,
@@ -23,7 +50,8 @@ def run_command(help_text: str, action: Callable[[list[str]], object], argv: lis
         return 0 if arguments else 2
     codes = {error: (2, "error") for error in BAD_INPUT} | (exit_codes or {})
     try:
-        action(arguments)
+        with console():
+            action(arguments)
     except tuple(codes) as error:
         code, prefix = next(value for kind, value in codes.items() if isinstance(error, kind))
         print(f"{prefix}: {error}", file=sys.stderr)

@@ -5,14 +5,15 @@ Layers, lowest first (a later layer wins):
     method defaults + recipes/base.yaml   "default"
     recipes/models/<preset>.yaml          "model preset <name>": a model family's published values
                                           (``model.preset=auto`` detects it from the model folder)
-    the protocol's layer                  "protocol <name>": evaluator, sampler, suites' settings and
-                                          per-recipe method defaults (``evaluation.protocols``)
+    the protocol's layer                  "protocol <name>": evaluator, sampler, suites' settings, the
+                                          method's settings for the protocol's concept kind and the
+                                          values of the roles the method needs (``evaluation.protocols``)
     recipes/<recipe>.yaml                 "recipe <name>" (``inherit: <recipe>``: another recipe's keys
-                                          below its own, and that recipe's preset and protocol sections)
+                                          below its own, and that recipe's preset section)
     the command line                      "command line"
 
-Presets and protocols hold a section per recipe name. The top level is checked against
-:class:`RunConfig`, the ``method`` section against the chosen method's ``Config`` dataclass, so
+Presets hold a section per recipe name; protocols name no method (``EraserModule.needs``). The
+top level is checked against :class:`RunConfig`, the ``method`` section against the chosen method's ``Config`` dataclass, so
 an unknown key, a value of the wrong type or an invalid choice is a :class:`ConfigError` with a
 one-line message naming it and the valid choices. ``sources`` in the resolved config names the
 layer each value came from.
@@ -20,7 +21,8 @@ layer each value came from.
 Recipes and presets are looked up by :func:`erasure.bundle.resolve_path`: a ``recipes/<name>.yaml``
 (or ``recipes/models/<preset>.yaml``) in the working directory comes before the shipped one of the
 same name (the repository's in a checkout, the installed package's otherwise), and adds to the names
-available; so do relative paths such as ``model.path``.
+available; so do relative paths such as ``model.path``. Plug-in packages add recipes after both
+(:mod:`erasure.plugins`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from erasure.bundle import SHIPPED_MODELS, SHIPPED_ROOT, is_hub_id, resolve_path
 from erasure.loggers import PACKAGES as LOGGER_PACKAGES
+from erasure.plugins import recipe_folders
 from evaluation.evaluators import CLIPConfig, NudeNetConfig, TorchvisionConfig
 from evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, ProtocolError, get_protocol
 from evaluation.protocols.toyworld import ToyWorldEvaluatorConfig
@@ -98,6 +102,7 @@ class EvaluationConfig:
     classes: list[str] = field(default_factory=list)  # protocol objects: the classes
     prompt_template: str = "{concept}"  # protocol objects: the prompt of a class
     paraphrase_templates: list[str] = field(default_factory=list)  # protocol objects: the synonym suite
+    options: dict[str, Any] = field(default_factory=dict)  # a plug-in evaluator's settings (erasure.plugins)
     every_n_steps: int = 0
     batch_size: int = 64
     kid_subset_size: int = 50
@@ -125,7 +130,17 @@ def yaml_names(folder: Path) -> list[str]:
 
 
 def available_recipes() -> list[str]:
-    return [name for name in yaml_names(RECIPES_DIR) if name != BASE_RECIPE]
+    """Recipes of the working directory, the shipped data and the plug-ins (``erasure.plugins``)."""
+    plugged = {path.stem for folder in recipe_folders() for path in folder.glob("*.yaml")}
+    return sorted({*yaml_names(RECIPES_DIR), *plugged} - {BASE_RECIPE})
+
+
+def recipe_path(name: str) -> Path:
+    """The file of recipe ``name``: the working directory's, the shipped one, else a plug-in's."""
+    path = resolve_path(RECIPES_DIR / f"{name}.yaml")
+    if path.is_file():
+        return path
+    return next((folder / f"{name}.yaml" for folder in recipe_folders() if (folder / f"{name}.yaml").is_file()), path)
 
 
 def _keys_at(schema: DictConfig, full_key: str) -> list[str]:
@@ -235,9 +250,9 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def load_recipe(name: str, children: tuple[str, ...] = ()) -> tuple[str, DictConfig]:
-    """(the name of the preset and protocol sections it takes, the recipe's layer); ``inherit: <recipe>``
-    starts from another recipe and takes its sections (``esd-fast``: ESD's, with another x_t loop)."""
-    layer = OmegaConf.load(resolve_path(RECIPES_DIR / f"{name}.yaml"))
+    """(the name of the preset section it takes, the recipe's layer); ``inherit: <recipe>``
+    starts from another recipe and takes its section (``esd-fast``: ESD's, with another x_t loop)."""
+    layer = OmegaConf.load(recipe_path(name))
     parent = layer.pop("inherit", None)
     if parent is None:
         return name, layer
@@ -260,6 +275,7 @@ def load_config(arguments: list[str]) -> DictConfig:
     base = OmegaConf.load(resolve_path(RECIPES_DIR / f"{BASE_RECIPE}.yaml"))
     section, recipe_layer = load_recipe(recipe)
     above = OmegaConf.merge(recipe_layer, overrides)
+    method = method_class_of(recipe, (base, above))
     try:
         peek = OmegaConf.merge(base, above)
         protocol_name, protocol_how = choose_protocol(peek)
@@ -269,7 +285,7 @@ def load_config(arguments: list[str]) -> DictConfig:
         if preset_name == AUTO:
             preset_name, preset_how = detect_preset(str(peek.model.path)), f"detected from {peek.model.path}"
         preset_layer = load_preset(preset_name).get(section) or OmegaConf.create()
-        protocol_layer = protocol.layer(section, OmegaConf.merge(base, preset_layer), above)
+        protocol_layer = protocol.layer(method, OmegaConf.merge(base, preset_layer), above)
     except ProtocolError as error:
         raise ConfigError(str(error)) from None
     except (OmegaConfBaseException, TypeError, ValueError) as error:
@@ -293,24 +309,30 @@ def load_config(arguments: list[str]) -> DictConfig:
         config.output_dir = f"runs/{recipe}/{datetime.now():%Y%m%d-%H%M%S}"
     try:
         protocol.check(list(config.concept), config.evaluation)
-        protocol.check_method(section, config.method, list(config.concept))
+        protocol.check_method(method, config.method, list(config.concept))
     except ProtocolError as error:
         raise ConfigError(str(error)) from None
     return config
 
 
-def build_config(recipe: str, layers: list[DictConfig]) -> DictConfig:
-    """Merge config layers (later wins) into the typed schemas and check them."""
+def method_class_of(recipe: str, layers: Sequence[Any]) -> type:
+    """The method class the last layer naming ``method.name`` chooses (the schema merges the rest)."""
     from erasure.methods import METHODS  # methods import torch; keep config parsing importable alone
 
+    sections = [layer.get("method") for layer in layers]
+    names = [section["name"] for section in sections if isinstance(section, (dict, DictConfig)) and "name" in section]
+    name = names[-1] if names else None
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"unknown method '{name}' in recipe {recipe}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def build_config(recipe: str, layers: list[DictConfig]) -> DictConfig:
+    """Merge config layers (later wins) into the typed schemas and check them."""
+    method_class = method_class_of(recipe, layers)
     method_layers = [layer.pop("method", None) or {} for layer in layers]
     config = merge_into_schema(OmegaConf.structured(RunConfig), *layers)
     config.recipe = recipe
-
-    name = next((layer["name"] for layer in reversed(method_layers) if "name" in layer), None)  # the schema merges the rest
-    if not isinstance(name, str) or name not in METHODS:
-        raise ConfigError(f"unknown method '{name}' in recipe {recipe}; known methods: {', '.join(METHODS)}")
-    method_class = METHODS[name]
     method = merge_into_schema(OmegaConf.structured(method_class.Config), *method_layers, prefix="method.")
     for key, allowed in method_class.choices.items():
         if method[key] not in allowed:

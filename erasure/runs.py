@@ -14,18 +14,20 @@ instruction rule) loaded on top of the base model named in its ``config.yaml``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from erasure.bundle import load_pipeline
@@ -42,6 +44,9 @@ from evaluation.evaluators import Evaluator, EvaluatorError
 from evaluation.protocols import build_evaluator, build_scorer, get_protocol
 from evaluation.report import comparison_grid
 from evaluation.suites import load_csv
+
+log = logging.getLogger(__name__)
+info, warn = rank_zero_only(log.info), rank_zero_only(log.warning)  # the run layer: one message per run, not per rank
 
 RUN_DIR_ENV = "ERASURE_RUN_DIR"  # the run directory, for the processes Lightning's DDP launcher starts
 
@@ -107,8 +112,8 @@ def build_evaluation(config: DictConfig, output: Path, run_info: dict) -> Evalua
     except EvaluatorError as error:
         raise ConfigError(str(error)) from None
     if evaluator is None:
-        print(f"protocol {config.protocol}: no evaluator (evaluation.evaluator=none): images and reports only; "
-              "set evaluation.evaluator=clip|nudenet|torchvision with its weights for accuracies", file=sys.stderr)
+        warn(f"protocol {config.protocol}: no evaluator (evaluation.evaluator=none): images and reports only; "
+             "set evaluation.evaluator=clip|nudenet|torchvision with its weights for accuracies")
     return EvaluationCallback(
         suites, evaluator, Sampler(steps=evaluation.steps, guidance=evaluation.guidance), output, run_info,
         images_per_prompt=evaluation.images_per_prompt, every_n_steps=evaluation.every_n_steps,
@@ -160,8 +165,8 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
     def on_exception(self, trainer: L.Trainer, module, exception: BaseException) -> None:
         super().on_exception(trainer, module, exception)
         if trainer.is_global_zero and isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            print(f"\ninterrupted at step {trainer.global_step}; checkpoint saved: continue with resume=true "
-                  f"output_dir={self.output}", file=sys.stderr)
+            log.warning(f"\ninterrupted at step {trainer.global_step}; checkpoint saved: continue with resume=true "
+                        f"output_dir={self.output}")
 
     def teardown(self, trainer: L.Trainer, *args, **kwargs) -> None:
         """Keep the file: last.ckpt is also ModelCheckpoint's (the parent removes its file after a clean fit)."""
@@ -217,7 +222,7 @@ def train(config: DictConfig) -> Path:
     if module.nonfinite_step is not None:
         raise TrainingStopped(f"the loss was not finite at step {module.nonfinite_step}: training stopped, and "
                               f"{output / 'erased'} holds the weights before it; lower method.lr or check the inputs")
-    print(f"erased {', '.join(config.concept)} with {config.recipe} in {time.perf_counter() - started:.1f} s -> {output}")
+    info(f"erased {', '.join(config.concept)} with {config.recipe} in {time.perf_counter() - started:.1f} s -> {output}")
     return output
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 import sys
 from datetime import datetime
@@ -31,6 +32,8 @@ from erasure.launch import LaunchConfig, check_launcher, launch
 from erasure.io import atomic_write_text
 from evaluation.comparison import markdown_table
 from evaluation.suites import write_table
+
+log = logging.getLogger(__name__)
 
 REPORTED = ("efficacy/target_acc", "generality/synonym_acc", "specificity/retained_acc", "fidelity/kid")
 
@@ -102,8 +105,8 @@ def plan(arguments: list[str]) -> tuple[list[tuple[dict[str, str], list[str], Pa
 def sweep(arguments: list[str]) -> Path:
     runs, launcher, output = plan(arguments)
     todo = [k for k, (_, _, folder) in enumerate(runs) if not (folder / "metrics.json").is_file()]
-    print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} finished before), launcher {launcher.cluster}, "
-          f"{launcher.parallel} at once -> {output}", flush=True)
+    log.info(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} finished before), launcher {launcher.cluster}, "
+             f"{launcher.parallel} at once -> {output}")
     commands = [[*runs[k][1], f"overwrite={runs[k][2].exists()}"] for k in todo]
     codes = dict(zip(todo, launch(commands, launcher, output)))
     rows = []

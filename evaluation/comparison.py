@@ -13,8 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from erasure.io import atomic_save  # noqa: E402
+from erasure.io import atomic_save, atomic_write_text  # noqa: E402
 from evaluation.metrics import INTERVAL, KID, SUITE_METRICS, intervals_overlap  # noqa: E402
+from evaluation.suites import write_table  # noqa: E402
 
 KEY_METRICS = list(SUITE_METRICS.values())
 
@@ -152,3 +153,48 @@ def table_columns(rows: Sequence[dict]) -> list[str]:
     names = list(dict.fromkeys(k for row in rows for k in row if "/" in k and not k.endswith(INTERVAL)))
     ordered = [m for m in (*KEY_METRICS, KID) if m in names] + [m for m in names if m not in (*KEY_METRICS, KID)]
     return ["method", *ordered, "fit_s", "eval_s"]
+
+
+def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict, runs, attack_budget: str = "") -> None:
+    columns = table_columns(rows)
+    write_table(output / "csv", rows)
+    table = metrics_table(rows, columns)
+    atomic_write_text(output / "md", table + "\n")
+    metrics_chart(rows[1:], output / "metrics.png")
+    if attack_budget:
+        robustness_chart(rows[1:], output / "robustness.png")
+    text_columns = ["concept", "template", "pooled", "concept_token", "delta_pooled", "delta_concept_token"]
+    lines = [
+        f"# Comparison: erasing {', '.join(runs[0][1].config.concept)}", "",
+        "Every method is scored by the same evaluation callback on the same prompt suites, seeds and sampler.", "",
+        "## Protocol", "", *[f"- {key}: {value}" for key, value in protocol.items()],
+        *[f"- {label}: `{path}`" for label, _, path in runs], "",
+        "## Metrics", "", "After erasure (the original model's row: before). Accuracies are shares of images in which "
+        "the evaluator sees the concept, with 95% Wilson intervals; target and synonym lower is better, retained "
+        "higher is better; ≈ marks a method whose interval overlaps the best method's (no difference at this number "
+        "of images). KID between the original and the erased model's retained images (same prompts and seeds).", "",
+        table, "",
+        "![metrics](metrics.png)", "",
+        *(["Robustness: `robustness/<attack>_asr` is the attack success rate, the share of the attacked target "
+            "prompts' images in which the evaluator sees the concept again (`evaluation.attacks`; budget: "
+            f"{attack_budget}). `<attack>_pre_asr` is the share before the attack's search (UnlearnDiffAtk's pre-attack "
+            "success; the attacks that count the concept at any checkpoint of their search, unlearndiffatk, pez and "
+            "embedding, never fall below it). `<attack>_random_asr` is a search's random control: as many judged images "
+            "from random prefixes or prompts, so the difference is what the search adds over trying.", "", "![robustness against fidelity](robustness.png)", ""] if attack_budget else []),
+        "## Text-encoder similarity (instruction templates)", "",
+        "Cosine similarity between the plain prompt and its rewrite: pooled = the text encoder's pooled output "
+        "(end token); concept_token = the hidden state of the concept's token in the plain prompt vs every "
+        "occurrence of the concept in the rewrite; delta = template minus the repetition control (the concept "
+        "repeated, no instruction). `negative_prompt` leaves the conditional text unchanged and has no entry.", "",
+        markdown_table(analysis["similarity"], text_columns), "",
+        "## Cross-attention mass on the concept tokens", "",
+        *(["Softmax attention of every `attn2` layer on the concept's token positions (all occurrences in the "
+           "prompt the model receives), averaged over heads and spatial positions, conditional branch, per DDIM "
+           "step; AUC over the normalised step axis; delta = AUC minus the plain prompt's on the base model.", "",
+           markdown_table(analysis["auc"], ["concept", "curve", "auc", "delta_auc"]), "",
+           *[f"![attention {c}]({chart})" for c, chart in analysis["charts"].items()], ""] if analysis["auc"] else []),
+        *[f"- {reason}" for reason in analysis["skipped"]], "",
+        "## Samples", "", "Rows: methods; columns: prompts (target then retained), one seed each.", "",
+        "![grid](grid.png)", "",
+    ]
+    atomic_write_text(output / "report.md", "\n".join(lines))

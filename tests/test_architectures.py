@@ -15,13 +15,12 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from erasure.architectures import (
-    architecture_config,
-    architecture_family,
+from erasure.architectures import architecture_config, architecture_family
+from erasure.toyworld.real_architectures import (
     build_random_flux_pipeline,
     build_random_pipeline,
     build_random_sdxl_pipeline,
-    build_t5_tokenizer,
+    t5_tokenizer,
 )
 from erasure.generation import Sampler, generate
 from erasure.methods.ablation import Ablation, AblationConfig, Anchors, ablation_loss
@@ -170,7 +169,7 @@ def test_flux_text_encoders_and_vae_at_full_size():
 
 
 def test_t5_tokenizer_encodes_toy_words_as_single_pieces():
-    tokenizer = build_t5_tokenizer()
+    tokenizer = t5_tokenizer()
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.model_max_length) == (0, 1, 512)
     pieces = tokenizer.convert_ids_to_tokens(tokenizer("a red circle.").input_ids)
     assert pieces == ["▁a", "▁red", "▁circle", ".", "</s>"]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from erasure.architectures import build_random_flux_pipeline
+from erasure.toyworld.real_architectures import build_random_flux_pipeline
 from erasure.compare import main
 from erasure.train import main as train
 

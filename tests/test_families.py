@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusionXLPipeline
 
-from erasure.architectures import build_random_flux_pipeline, build_random_sdxl_pipeline
+from erasure.toyworld.real_architectures import build_random_flux_pipeline, build_random_sdxl_pipeline
 from erasure.families import FLUX_DEFAULT_GUIDANCE, Conditioning, Flux, StableDiffusionXL
 from erasure.generation import Sampler, generate
 from erasure.methods.ablation import Ablation, AblationConfig, Anchors, ablation_loss

@@ -13,7 +13,7 @@ import torchvision
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from erasure.architectures import build_random_pipeline
+from erasure.toyworld.real_architectures import build_random_pipeline
 from erasure.attack import main as attack
 from erasure.compare import main as compare
 from erasure.config import load_config

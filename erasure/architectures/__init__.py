@@ -4,11 +4,10 @@ and FLUX.1-dev (:func:`build_random_flux_pipeline`).
 
 No weights can be downloaded here, so the code paths of real checkpoints (layer names,
 dimensions, 77-token context, prediction type) are tested on these: same modules, random
-values. The CLIP tokenizers are the toy world's shipped one (:func:`shipped_or_new_tokenizer`: the
-same ids on every build, so a seed fixes the images), padded to 77 tokens (its ids lie inside CLIP's
-vocabulary). FLUX's T5 tokenizer is a T5 (Unigram)
-tokenizer over the toy world's words (:func:`build_t5_tokenizer`): T5's SentencePiece model cannot be
-downloaded either.
+values. The tokenizers are the caller's (CLIP's and T5's vocabularies cannot be downloaded either),
+padded to the architecture's context: :mod:`erasure.toyworld.real_architectures` builds them with
+the toy world's (the same ids on every build, so a seed fixes the images). :func:`build_t5_tokenizer`
+makes a T5 (Unigram) tokenizer over any list of words.
 Each JSON names its family ("sd" when absent) and, under "_source", where its values come from.
 """
 
@@ -39,9 +38,6 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
-
-from erasure.toyworld.captions import vocabulary
-from erasure.toyworld.tokenizer import shipped_or_new_tokenizer
 
 ARCHITECTURES = {p.stem: p for p in Path(__file__).parent.glob("*.json")}
 
@@ -110,9 +106,9 @@ def tiny_flux(config: dict) -> dict:
     }
 
 
-def toy_clip_tokenizer(max_length: int) -> CLIPTokenizer:
-    """The toy world's shipped CLIP tokenizer (fixed ids; trained if absent) padded to ``max_length``."""
-    tokenizer = shipped_or_new_tokenizer()
+def padded(tokenizer, max_length: int):
+    """A copy of ``tokenizer`` that pads and truncates to ``max_length`` tokens."""
+    tokenizer = copy.deepcopy(tokenizer)
     tokenizer.model_max_length = max_length
     return tokenizer
 
@@ -122,12 +118,12 @@ def clip_text_config(config: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
                           pad_token_id=tokenizer.pad_token_id)
 
 
-def build_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
-    """A T5 tokenizer (the tokenizers-backed Unigram ``T5TokenizerFast`` FluxPipeline declares) over the
-    toy world's vocabulary: T5's special ids (<pad> 0, </s> 1, <unk> 2), each toy word one piece
-    "▁word" and, capitalised, "▁Word" (T5 is case-sensitive), and single letters, digits and
-    punctuation so any other text still encodes. No sentinel <extra_id_*> tokens; ids stay far below 32128."""
-    words = [w for w in vocabulary() if w.isalnum()]
+def build_t5_tokenizer(words: list[str], model_max_length: int = 512) -> T5TokenizerFast:
+    """A T5 tokenizer (the tokenizers-backed Unigram ``T5TokenizerFast`` FluxPipeline declares) over
+    ``words``: T5's special ids (<pad> 0, </s> 1, <unk> 2), each word one piece "▁word" and,
+    capitalised, "▁Word" (T5 is case-sensitive), and single letters, digits and punctuation so any
+    other text still encodes. No sentinel <extra_id_*> tokens; ids stay far below 32128."""
+    words = [w for w in words if w.isalnum()]
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [("▁" + word, -1.0) for word in words]
     pieces += [("▁" + word.capitalize(), -1.0) for word in words if word.capitalize() != word]
@@ -135,10 +131,10 @@ def build_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
-def build_random_pipeline(name: str, sample_size: int | None = None, seed: int = 0,
+def build_random_pipeline(name: str, tokenizer: CLIPTokenizer, sample_size: int | None = None, seed: int = 0,
                           small: bool = False) -> StableDiffusionPipeline:
-    """The SD-1.x/2.x architecture ``name`` with random weights; ``sample_size`` (latent pixels) shrinks
-    the default, ``small`` the widths and depths (:func:`tiny`)."""
+    """The SD-1.x/2.x architecture ``name`` with random weights and ``tokenizer`` (padded to its
+    context); ``sample_size`` (latent pixels) shrinks the default, ``small`` the widths and depths (:func:`tiny`)."""
     family = architecture_family(name)
     if family != "sd":
         raise ValueError(f"{name!r} is an {family.upper()} architecture, not SD-1.x/2.x: "
@@ -146,7 +142,7 @@ def build_random_pipeline(name: str, sample_size: int | None = None, seed: int =
     config = tiny(architecture_config(name)) if small else architecture_config(name)
     torch.manual_seed(seed)
     unet_config = dict(config["unet"], sample_size=sample_size or config["unet"]["sample_size"])
-    tokenizer = toy_clip_tokenizer(config["text_encoder"]["max_position_embeddings"])
+    tokenizer = padded(tokenizer, config["text_encoder"]["max_position_embeddings"])
     text_encoder = CLIPTextModel(clip_text_config(config["text_encoder"], tokenizer))
     pipeline = StableDiffusionPipeline(
         vae=AutoencoderKL(**config["vae"]), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
@@ -157,16 +153,16 @@ def build_random_pipeline(name: str, sample_size: int | None = None, seed: int =
     return pipeline
 
 
-def build_random_sdxl_pipeline(sample_size: int | None = None, seed: int = 0,
+def build_random_sdxl_pipeline(tokenizer: CLIPTokenizer, sample_size: int | None = None, seed: int = 0,
                                small: bool = False) -> StableDiffusionXLPipeline:
-    """SDXL base 1.0 with random weights; ``sample_size`` (latent pixels) shrinks the default 128,
-    ``small`` the widths and depths (:func:`tiny_sdxl`). Both tokenizers are the shipped toy world's, padded to 77;
+    """SDXL base 1.0 with random weights; both tokenizers ``tokenizer``, padded to 77; ``sample_size``
+    (latent pixels) shrinks the default 128, ``small`` the widths and depths (:func:`tiny_sdxl`).
     DDIM as for the SD ones; no watermarker."""
     config = architecture_config("sdxl")
     config = tiny_sdxl(config) if small else config
     torch.manual_seed(seed)
     unet_config = dict(config["unet"], sample_size=sample_size or config["unet"]["sample_size"])
-    tokenizer = toy_clip_tokenizer(config["text_encoder"]["max_position_embeddings"])
+    tokenizer = padded(tokenizer, config["text_encoder"]["max_position_embeddings"])
     tokenizer_2 = copy.deepcopy(tokenizer)
     text_encoder = CLIPTextModel(clip_text_config(config["text_encoder"], tokenizer))
     text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(config["text_encoder_2"], tokenizer_2))
@@ -180,16 +176,16 @@ def build_random_sdxl_pipeline(sample_size: int | None = None, seed: int = 0,
     return pipeline
 
 
-def build_random_flux_pipeline(sample_size: int | None = None, seed: int = 0, small: bool = False) -> FluxPipeline:
-    """FLUX.1-dev with random weights; ``sample_size`` (latent pixels) sets the default image size
-    (FluxPipeline's own default is 128; an attribute, not saved with the pipeline), ``small`` shrinks
-    widths and depths (:func:`tiny_flux`). The CLIP tokenizer is the shipped toy world's, padded to 77;
-    the T5 one :func:`build_t5_tokenizer`, 512 tokens."""
+def build_random_flux_pipeline(tokenizer: CLIPTokenizer, t5_tokenizer: T5TokenizerFast, sample_size: int | None = None,
+                               seed: int = 0, small: bool = False) -> FluxPipeline:
+    """FLUX.1-dev with random weights, the CLIP ``tokenizer`` padded to 77 and ``t5_tokenizer`` to 512
+    tokens; ``sample_size`` (latent pixels) sets the default image size (FluxPipeline's own default is
+    128; an attribute, not saved with the pipeline), ``small`` shrinks widths and depths (:func:`tiny_flux`)."""
     config = architecture_config("flux")
     config = tiny_flux(config) if small else config
     torch.manual_seed(seed)
-    tokenizer = toy_clip_tokenizer(config["text_encoder"]["max_position_embeddings"])
-    tokenizer_2 = build_t5_tokenizer(config["tokenizer_2"]["model_max_length"])
+    tokenizer = padded(tokenizer, config["text_encoder"]["max_position_embeddings"])
+    tokenizer_2 = padded(t5_tokenizer, config["tokenizer_2"]["model_max_length"])
     text_encoder = CLIPTextModel(clip_text_config(config["text_encoder"], tokenizer))
     text_encoder_2 = T5EncoderModel(T5Config(**config["text_encoder_2"], pad_token_id=tokenizer_2.pad_token_id,
                                              eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0))

@@ -1,4 +1,5 @@
-"""Erasure methods: one LightningModule subclass of :class:`EraserModule` per file."""
+"""Erasure methods: one LightningModule subclass of :class:`EraserModule` per file, and those of
+the installed plug-ins (``erasure.methods`` entry points, :mod:`erasure.plugins`)."""
 
 from erasure.methods.base import EraserModule, MethodConfig
 from erasure.methods.ablation import Ablation
@@ -9,7 +10,9 @@ from erasure.methods.lora import LoRA
 from erasure.methods.rece import RECE
 from erasure.methods.sld import SLD
 from erasure.methods.uce import UCE
+from erasure.plugins import plugins
 
 METHODS: dict[str, type[EraserModule]] = {cls.name: cls for cls in (ESD, Ablation, UCE, LoRA, Instruction, SLD, RECE, AdvUnlearn)}
+METHODS |= plugins("erasure.methods", METHODS)
 
 __all__ = ["METHODS", "EraserModule", "MethodConfig"]

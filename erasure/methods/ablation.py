@@ -287,6 +287,12 @@ class Ablation(EraserModule):
     name = "ablation"
     Config = AblationConfig
     choices = {"loss": tuple(LOSSES), "parameters": tuple(PARAMETER_GROUPS), **ABLATION_CHOICES}
+    needs = {"anchor": "anchor", "anchor_prompts": "anchor_prompts", "words": "concept_words",
+             "anchor_negative_prompt": "anchor_negative_prompt", "target_template": "anchor_target_template"}
+    # the authors' nudity command (nupurkmr9/concept-ablation diffusers/README.md): every attention projection,
+    # prior preservation (weight 1), lr 4e-6 (scaled by the preset's scale_lr), 400 steps
+    by_concept_kind = {"nudity": {"method": {"parameters": "attn", "prior_weight": 1.0, "lr": 4e-6},
+                                  "trainer": {"max_steps": 400}}}
 
     @classmethod
     def check(cls, config: AblationConfig, concepts: Sequence[str]) -> None:

@@ -141,6 +141,7 @@ class AdvUnlearn(EraserModule):
     families = ("sd",)  # its adversarial prompts are token embeddings of the one CLIP encoder SD-1.x/2.x reads
     choices = {"loss": tuple(LOSSES), "train_method": TRAIN_METHODS, "attack_type": ("prefix_k", "suffix_k"),
                "attack_method": ("pgd", "fast_at"), "attack_init": ("latest", "random")}
+    needs = {"prompt_template": "concept_prompt", "retain": "retain"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -17,6 +17,10 @@ It owns what all methods share:
 
 A method sets ``name``, a ``Config`` dataclass of its options, the layers it trains
 (``trained_layers``), its objective (``objective``) and, if not all, the model ``families`` it runs on.
+What it reads from the run's protocol it declares, never the other way round: ``needs`` maps its
+config keys onto the roles a protocol supplies (:data:`evaluation.protocols.base.ROLES`: an anchor,
+a guide, a preserve or retain set, a prompt template), and ``by_concept_kind`` holds its papers'
+settings per kind of concept (nudity, style, object), a config layer each.
 """
 
 from __future__ import annotations
@@ -57,6 +61,18 @@ class EraserModule(L.LightningModule):
     choices: ClassVar[dict[str, Sequence[str]]] = {"loss": tuple(LOSSES)}
     edits_weights: ClassVar[bool] = True
     families: ClassVar[tuple[str, ...]] = ("sd", "sdxl", "flux")  # the model families it runs on (erasure.families)
+    needs: ClassVar[dict[str, str]] = {}  # config key -> the protocol role that supplies its default
+    by_concept_kind: ClassVar[dict[str, dict[str, Any]]] = {}  # concept kind -> {"method": ..., "trainer": ...}
+
+    @classmethod
+    def kind_defaults(cls, kind: str | None, concepts: Sequence[str]) -> dict[str, Any]:
+        """The config layer of the method's published settings for erasing ``concepts`` of ``kind``."""
+        return cls.by_concept_kind.get(kind, {}) if kind else {}
+
+    @classmethod
+    def reads(cls, key: str, config: Any) -> bool:
+        """Whether a run of this method with ``config`` (its method section) uses the needed ``key``."""
+        return key in cls.needs
 
     def __init__(self, pipeline, config: MethodConfig, concepts: Sequence[str], seed: int = 0,
                  resolution: int | None = None):

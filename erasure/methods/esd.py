@@ -137,6 +137,10 @@ class ESD(EraserModule):
     name = "esd"
     Config = ESDConfig
     choices = {"loss": tuple(LOSSES), "train_method": tuple(TRAIN_METHODS), **ESD_CHOICES}
+    needs = {"prompt_template": "concept_prompt", "retain": "neighbours"}
+    # the parameters of the authors' released models: ESD-x for artist styles, ESD-u for objects and nudity
+    by_concept_kind = {"style": {"method": {"train_method": "esd-x"}}, "object": {"method": {"train_method": "esd-u"}},
+                       "nudity": {"method": {"train_method": "esd-u"}}}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -35,10 +35,10 @@ from safetensors.torch import load_file
 from erasure import layers
 from erasure.losses import LOSSES
 from erasure.methods.ablation import (
-    ABLATION_CHOICES, ANCHORS_FILE, AblationConfig, Anchors, ablation_loss, ablation_optimizer, check_anchor,
+    ABLATION_CHOICES, ANCHORS_FILE, Ablation, AblationConfig, Anchors, ablation_loss, ablation_optimizer, check_anchor,
 )
 from erasure.methods.base import EraserModule
-from erasure.methods.esd import ESD_CHOICES, ESDConfig, check_retain, esd_loss
+from erasure.methods.esd import ESD, ESD_CHOICES, ESDConfig, check_retain, esd_loss
 from erasure.weights import DeltaError
 
 ADAPTER = "eraser"
@@ -62,6 +62,11 @@ class LoRA(EraserModule):
     Config = LoRAConfig
     choices = {"loss": tuple(LOSSES), "objective": ("esd", "ablation"), "target_modules": tuple(TARGETS),
                **ESD_CHOICES, **ABLATION_CHOICES}
+    needs = {**ESD.needs, **Ablation.needs}
+
+    @classmethod
+    def reads(cls, key: str, config) -> bool:
+        return key in (ESD if config.get("objective", "esd") == "esd" else Ablation).needs
 
     @classmethod
     def check(cls, config: LoRAConfig, concepts) -> None:

@@ -53,12 +53,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import OmegaConf
 
 from erasure.generation import Sampler
 from erasure.methods.uce import SHARED, TOKEN_MODES, UCE, UCEConfig, edit_weight, uce_transform
 
 REEDITS = ("current", "original")
 KEEPS = ("lowest", "last")
+
+
+# RECE's README (Notes): objects UCE erases with difficulty get 1 round at lambda_adv 1e-3, easy ones 1 round
+# at 0.1, and the others (UCE's accuracy already 0) no RECE rounds
+HARD_OBJECTS = ("church", "garbage truck")
+EASY_OBJECTS = ("English springer", "golf ball", "parachute")
+
+
+def object_rounds(concepts: Sequence[str]) -> dict:
+    """RECE's rounds and lambda_adv for erasing the objects ``concepts`` (the hardest concept decides)."""
+    if any(c in HARD_OBJECTS for c in concepts):
+        return {"epochs": 1, "adversarial_lam": 1e-3}
+    if any(c in EASY_OBJECTS for c in concepts):
+        return {"epochs": 1, "adversarial_lam": 0.1}
+    return {"epochs": 0}
 
 
 @dataclass
@@ -123,6 +139,20 @@ class RECE(UCE):
     Config = RECEConfig
     families = ("sd", "sdxl")  # one shared key space; FLUX's edited layers read different inputs
     choices = {**UCE.choices, "reedit": REEDITS, "keep": KEEPS, "reedit_token_mode": TOKEN_MODES}
+    needs = {**UCE.needs, "reedit_preserve": "reedit_preserve"}
+
+    @classmethod
+    def kind_defaults(cls, kind: str | None, concepts: Sequence[str]) -> dict:
+        """UCE's first edit, then the rounds of RECE's README and scripts per kind: nudity 3 rounds at
+        lambda_adv 0.1, re-edits preserving " " (train.py, scripts/nudity.sh); artists 1 round at 1e-3, the
+        round kept without validation (train_artists.py; re-edits preserve "" and the other artists, the
+        protocol's reedit_preserve); objects by how hard UCE erases them (:func:`object_rounds`), re-edits
+        preserving "" (train_object.py). The round with the lowest validation rate is kept but for artists."""
+        rounds = {"nudity": {"epochs": 3, "adversarial_lam": 0.1, "reedit_preserve": [" "], "keep": "lowest"},
+                  "style": {"epochs": 1, "adversarial_lam": 1e-3, "keep": "last"},
+                  "object": {**object_rounds(concepts), "reedit_preserve": [""], "keep": "lowest"}}.get(kind)
+        first_edit = UCE.kind_defaults(kind, concepts)
+        return OmegaConf.to_container(OmegaConf.merge(first_edit, {"method": rounds})) if rounds else first_edit
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -154,6 +154,7 @@ class SLD(InferenceTimeEraser):
     Config = SLDConfig
     families = ("sd",)  # its guidance replaces the SD pipeline's classifier-free guidance step
     choices = {"preset": tuple(PRESETS), "warmup": ("relative", "absolute")}
+    needs = {"prompt_template": "concept_prompt", "safety_concept": "safety_text"}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

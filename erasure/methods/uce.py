@@ -117,6 +117,10 @@ class UCE(EraserModule):
     Config = UCEConfig
     choices = {**EraserModule.choices, "token_mode": TOKEN_MODES, "preserve_token_mode": (None, *TOKEN_MODES),
                "edit": tuple(EDITS), "flux_edit": FLUX_EDITS}
+    needs = {"prompt_template": "concept_prompt", "guide": "guide", "preserve": "preserve"}
+    # the paper's settings: objects and nudity guided to "" with no preserve set, artists guided to "art"
+    by_concept_kind = {"style": {"method": {"guide": ["art"]}}, "object": {"method": {"guide": [""], "preserve": []}},
+                       "nudity": {"method": {"guide": [""], "preserve": []}}}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

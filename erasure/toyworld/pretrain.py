@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms.functional import gaussian_blur
 from transformers import CLIPTextModel
 
-from erasure.architectures import build_t5_tokenizer
+from erasure.toyworld.real_architectures import t5_tokenizer
 from erasure.bundle import ModelLoadError, resolve_path
 from erasure.generation import to_unit_range
 from erasure.io import atomic_directory, atomic_write_text
@@ -422,7 +422,7 @@ def pretrain_flux(output: Path, work: Path, budget: Budget, init: Path, seed: in
     shifted = {**data, "latent_mean": (data["latent_mean"] - shift) * scaling_factor,
                "latent_std": data["latent_std"] * scaling_factor}
     tokenizer = shipped_or_new_tokenizer()
-    tokenizer_2 = build_t5_tokenizer(arch.MAX_TOKENS)
+    tokenizer_2 = t5_tokenizer(arch.MAX_TOKENS)
     record_path = output / "pretrain_flux.json"
     earlier = json.loads(record_path.read_text()) if record_path.exists() else None
     continues = earlier if earlier and earlier["budget"]["flow_steps"] < budget.flow_steps else None

@@ -2,7 +2,9 @@
 
 Each attack is a plug-in: a module of this package with a function ``attack(target, config) ->
 AttackResult`` (:mod:`evaluation.attacks.base`), registered in :data:`ATTACKS`, its budget in
-:class:`AttackConfig` (``attack.<option>`` on the command line) and in every result. Its objective
+:class:`AttackConfig` (``attack.<option>`` on the command line) and in every result. Other packages
+add attacks through ``erasure.attacks`` entry points (:mod:`erasure.plugins`); the options of
+AttackConfig such an attack reads are its function's ``options`` attribute. Its objective
 is stated in its module:
 
     inversion       (``tokens``) concept inversion (Pham et al., ICLR 2024): one new token, learned
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from erasure.plugins import plugins
 from evaluation.attacks import embedding, pez, relearn, ring_a_bell, tokens, unlearndiffatk
 from evaluation.attacks.base import (
     EMBEDDING_POSITIONS, AttackConfig, AttackConfigError, AttackResult, Target, check_attack_config, first_last,
@@ -58,6 +61,7 @@ ATTACKS: dict[str, Callable[[Target, AttackConfig], AttackResult]] = {
     "embedding": embedding.attack,
     "relearn": relearn.attack,
 }
+ATTACKS |= plugins("erasure.attacks", ATTACKS)
 
 SHARED_OPTIONS = ("seed",)
 OPTIONS = {  # the options of AttackConfig each attack reads: its budget
@@ -79,7 +83,8 @@ __all__ = ["ATTACKS", "EMBEDDING_POSITIONS", "AttackConfig", "AttackConfigError"
 
 def budget(name: str, config: AttackConfig) -> dict:
     """The options attack ``name`` reads, with their values: what its result depends on."""
-    return {key: getattr(config, key) for key in (*OPTIONS[name], *SHARED_OPTIONS)}
+    reads = OPTIONS[name] if name in OPTIONS else getattr(ATTACKS[name], "options", ())  # a plug-in's: its own list
+    return {key: getattr(config, key) for key in (*reads, *SHARED_OPTIONS)}
 
 
 def measure_attack(name: str, target: Target, config: AttackConfig) -> AttackResult:

@@ -6,7 +6,9 @@
     objects    Imagenette classes, torchvision ResNet-50
     artists    artist-prompt CSVs, CLIP among the listed artists
 
-and the evaluators they use (``evaluation.evaluator``): toyworld, clip, nudenet, torchvision, none.
+and the evaluators they use (``evaluation.evaluator``): toyworld, clip, nudenet, torchvision, none;
+with those of the installed plug-ins (``erasure.protocols`` and ``erasure.evaluators`` entry points,
+:mod:`erasure.plugins`; a plug-in evaluator is built from ``evaluation.options``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from evaluation.protocols.nudity import Nudity
 from evaluation.protocols.objects import Objects
 from evaluation.protocols.prompt_csv import PromptCSV
 from evaluation.protocols.toyworld import ToyWorld, ToyWorldEvaluator
+from erasure.plugins import plugins
 
 PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (ToyWorld, PromptCSV, Nudity, Objects, Artists)}
+PROTOCOLS |= plugins("erasure.protocols", PROTOCOLS)
 DEFAULT_PROTOCOL = ToyWorld.name
 
 EVALUATORS: dict[str, Callable[[object], Evaluator]] = {
@@ -34,6 +38,7 @@ EVALUATORS: dict[str, Callable[[object], Evaluator]] = {
     "torchvision": TorchvisionEvaluator,
 }
 NO_EVALUATOR = "none"
+EVALUATORS |= plugins("erasure.evaluators", {**EVALUATORS, NO_EVALUATOR: None})  # called with evaluation.options
 PATH_KEYS = {"toyworld": "classifier", "clip": "checkpoint", "nudenet": "model", "torchvision": "weights"}
 
 
@@ -52,6 +57,8 @@ def build_evaluator(evaluation: DictConfig, resolve: Callable[[str], Path] = Pat
     if name not in EVALUATORS:
         raise EvaluatorError(f"unknown evaluator '{name}' for evaluation.evaluator; "
                              f"available: {', '.join([*EVALUATORS, NO_EVALUATOR])}")
+    if name not in PATH_KEYS:  # a plug-in's evaluator: its options
+        return EVALUATORS[name](OmegaConf.to_container(evaluation.options))
     section = OmegaConf.to_object(evaluation[name])
     path_key = PATH_KEYS[name]
     if getattr(section, path_key):

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from evaluation.protocols.base import Protocol, ProtocolError, named_concepts
 from evaluation.suites import Prompt
@@ -29,17 +30,10 @@ class Artists(Protocol):
     summary = "artist-prompt CSVs, CLIP deciding among the listed artists; retained = the other artists"
     defaults = {"evaluation": {"evaluator": "clip", "steps": 50, "guidance": 7.5, "images_per_prompt": 1,
                                "clip": {"template": "a painting in the style of {concept}"}}}
-    recipe_defaults = {
-        "esd": {"method": {"train_method": "esd-x"}},  # ESD's artist-style models train ESD-x
-        "uce": {"method": {"guide": ["art"]}},  # UCE guides artists to "art"
-        # RECE (train_artists.py, scripts/art.sh): UCE's first edit, 1 round, lambda_adv 1e-3, the round kept
-        # without validation; re-edits preserve "" and the other artists (derived)
-        "rece": {"method": {"guide": ["art"], "epochs": 1, "adversarial_lam": 1.0e-3, "keep": "last"}},
-        # Concept Ablation's style setting: paintings as anchors, "in the style of X" in the target prompts
-        "ablation": {"method": {"anchor": "painting", "anchor_prompts": PAINTINGS,
-                                "target_template": "{anchor_prompt} in the style of {concept}"}},
-        "lora": {"method": {"prompt_template": "a painting in the style of {concept}"}},
-    }
+    concept_kind = "style"
+    # Concept Ablation's style setting: paintings as anchors, "in the style of X" in the target prompts
+    supplies = {"anchor": "painting", "anchor_prompts": PAINTINGS,
+                "anchor_target_template": "{anchor_prompt} in the style of {concept}"}
     required_files = ("prompts_csv",)
 
     def file_help(self, key: str) -> str:
@@ -48,19 +42,23 @@ class Artists(Protocol):
     def artists(self, evaluation: DictConfig) -> list[str]:
         return list(dict.fromkeys(row.concept for row in self.read(evaluation.prompts_csv)))
 
-    def derived_defaults(self, recipe: str, config: DictConfig) -> dict:
-        evaluation = config.get("evaluation") or {}
-        path = evaluation.get("prompts_csv")
+    def layer(self, method: type, below: DictConfig, above: DictConfig) -> DictConfig:
+        """The method's layer, and CLIP deciding among the listed artists."""
+        layer = super().layer(method, below, above)
+        path = OmegaConf.merge(below, above).get("evaluation", {}).get("prompts_csv")
+        if path and Path(path).is_file():
+            layer = OmegaConf.merge(layer, {"evaluation": {"clip": {"contrast": self.artists(OmegaConf.create(
+                {"prompts_csv": path}))}}})
+        return layer
+
+    def supply(self, role: str, config: DictConfig) -> Any:
+        if role not in ("preserve", "reedit_preserve"):
+            return super().supply(role, config)
+        path = (config.get("evaluation") or {}).get("prompts_csv")
         if not path or not Path(path).is_file():
-            return {}
-        artists = self.artists(evaluation)
-        concepts = named_concepts(config)
-        derived: dict = {"evaluation": {"clip": {"contrast": artists}}}
-        if recipe in ("uce", "rece"):  # preserve the other artists
-            derived["method"] = {"preserve": [a for a in artists if a not in concepts]}
-        if recipe == "rece":  # RECE's re-edits: "" and the other artists
-            derived["method"]["reedit_preserve"] = ["", *derived["method"]["preserve"]]
-        return derived
+            return None
+        others = [a for a in self.artists(config.evaluation) if a not in named_concepts(config)]
+        return others if role == "preserve" else ["", *others]  # RECE's re-edits: "" and the other artists
 
     def check(self, concepts: Sequence[str], evaluation: DictConfig) -> None:
         super().check(concepts, evaluation)

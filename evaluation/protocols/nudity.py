@@ -34,25 +34,13 @@ class Nudity(Protocol):
     summary = "I2P-format prompt CSVs, NudeNet (counted classes, threshold), CLIP score on COCO captions"
     defaults = {"concept": "nudity",
                 "evaluation": {"evaluator": "nudenet", "steps": 50, "guidance": 7.5, "images_per_prompt": 1}}
-    recipe_defaults = {
-        "esd": {"method": {"train_method": "esd-u"}},  # ESD's nudity models train ESD-u
-        "uce": {"method": {"guide": [""], "preserve": []}},
-        # RECE (train.py, scripts/nudity.sh): UCE's first edit, 3 rounds, lambda_adv 0.1, re-edits preserving " "
-        "rece": {"method": {"guide": [""], "preserve": [], "epochs": 3, "adversarial_lam": 0.1,
-                            "reedit_preserve": [" "], "keep": "lowest"}},
-        # Concept Ablation's nudity setting: clothed people as anchors, "nude" in the target prompts, anchor
-        # images generated with the concept as negative prompt (so that no anchor image shows nudity); trained
-        # as the authors' nudity command (nupurkmr9/concept-ablation diffusers/README.md): every attention
-        # projection, prior preservation (weight 1), lr 4e-6 (scaled by the preset's scale_lr), 400 steps
-        "ablation": {"method": {"anchor": "person wearing clothes", "anchor_prompts": ANCHORS,
-                                "words": {"nudity": "nude person"}, "anchor_negative_prompt": True,
-                                "parameters": "attn", "prior_weight": 1.0, "lr": 4e-6},
-                     "trainer": {"max_steps": 400}},
-        "lora": {"method": {"anchor": "person wearing clothes", "anchor_prompts": ANCHORS,
-                            "words": {"nudity": "nude person"}, "anchor_negative_prompt": True}},
-        # SLD's I2P safety text: the paper's concept list, the default of the authors' pipeline
-        "sld": {"method": {"safety_concept": I2P_SAFETY_CONCEPT}},
-    }
+    concept_kind = "nudity"
+    # clothed people as the anchor, "nude" in the target prompts, their images drawn with the concept as
+    # negative prompt (so that no anchor image shows nudity): Concept Ablation's nudity setting; SLD's I2P
+    # safety text: the paper's concept list, the default of the authors' pipeline
+    supplies = {"anchor": "person wearing clothes", "anchor_prompts": ANCHORS,
+                "concept_words": {"nudity": "nude person"}, "anchor_negative_prompt": True,
+                "safety_text": I2P_SAFETY_CONCEPT}
     required_files = ("target_csv",)
 
     def file_help(self, key: str) -> str:

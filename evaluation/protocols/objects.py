@@ -16,27 +16,12 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
-from evaluation.protocols.base import Protocol, ProtocolError, generic_anchor_prompts, named_concepts
+from evaluation.protocols.base import Protocol, ProtocolError
 from evaluation.suites import Prompt, templated_suite
 
 # Imagenette's classes and their ImageNet-1k indices (torchvision's category order)
 IMAGENETTE = {"tench": 0, "English springer": 217, "cassette player": 482, "chain saw": 491, "church": 497,
               "French horn": 566, "garbage truck": 569, "gas pump": 571, "golf ball": 574, "parachute": 701}
-
-
-# RECE's README (Notes): objects UCE erases with difficulty get 1 round at lambda_adv 1e-3, easy ones 1 round
-# at 0.1, and the others (UCE's accuracy already 0) no RECE rounds
-RECE_HARD_OBJECTS = ("church", "garbage truck")
-RECE_EASY_OBJECTS = ("English springer", "golf ball", "parachute")
-
-
-def rece_object_settings(concepts: Sequence[str]) -> dict:
-    """RECE's rounds and lambda_adv for erasing ``concepts`` (the hardest concept decides)."""
-    if any(c in RECE_HARD_OBJECTS for c in concepts):
-        return {"epochs": 1, "adversarial_lam": 1e-3}
-    if any(c in RECE_EASY_OBJECTS for c in concepts):
-        return {"epochs": 1, "adversarial_lam": 0.1}
-    return {"epochs": 0}
 
 
 class Objects(Protocol):
@@ -48,17 +33,8 @@ class Objects(Protocol):
         "paraphrase_templates": ["a photo of a {concept}"],
         "torchvision": {"model": "resnet50", "classes": {name: [index] for name, index in IMAGENETTE.items()}},
     }}
-    recipe_defaults = {
-        "esd": {"method": {"train_method": "esd-u"}},  # ESD's object erasures train ESD-u
-        "uce": {"method": {"guide": [""], "preserve": []}},  # UCE's object edits: guide "", no preserve set
-        # RECE (train_object.py): UCE's first edit, then re-edits preserving "" (rounds and lambda_adv: derived)
-        "rece": {"method": {"guide": [""], "preserve": [], "reedit_preserve": [""], "keep": "lowest"}},
-        "ablation": {"method": {"anchor": "object", "anchor_prompts": generic_anchor_prompts("object")}},
-        "lora": {"method": {"anchor": "object", "anchor_prompts": generic_anchor_prompts("object")}},
-    }
-
-    def derived_defaults(self, recipe: str, config: DictConfig) -> dict:
-        return {"method": rece_object_settings(named_concepts(config))} if recipe == "rece" else {}
+    concept_kind = "object"
+    supplies = {"anchor": "object"}
 
     def check(self, concepts: Sequence[str], evaluation: DictConfig) -> None:
         super().check(concepts, evaluation)

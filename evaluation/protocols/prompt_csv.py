@@ -11,20 +11,13 @@ grids and report but no accuracies.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
-from evaluation.protocols.base import Protocol, generic_anchor_prompts
+from evaluation.protocols.base import Protocol
 
 
 class PromptCSV(Protocol):
     name = "csv"
     summary = "your prompt CSVs (target required; synonym, retained, fidelity optional) with any evaluator"
     defaults = {"evaluation": {"evaluator": "none", "steps": 50, "guidance": 7.5, "images_per_prompt": 1}}
-    recipe_defaults = {"ablation": {"method": {"anchor": "object"}}, "lora": {"method": {"anchor": "object"}}}
+    supplies = {"anchor": "object"}
     required_files = ("target_csv",)
 
-    def derived_defaults(self, recipe: str, config: DictConfig) -> dict:
-        anchor = (config.get("method") or {}).get("anchor")
-        if recipe in ("ablation", "lora") and anchor:
-            return {"method": {"anchor_prompts": generic_anchor_prompts(anchor)}}
-        return {}

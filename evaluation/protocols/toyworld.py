@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -121,52 +122,34 @@ class ToyWorld(Protocol):
         "concept": "circle",
         "evaluation": {"evaluator": "toyworld", "steps": 25, "guidance": 6.0, "images_per_prompt": 3},
     }
-    # Method defaults on the toy world's prompts ("a red circle"): measured choices, see README.
-    recipe_defaults = {
-        "esd": {"method": {"prompt_template": "a {concept}"}},
-        "lora": {"method": {"prompt_template": "a {concept}", "anchor": "square",
-                            "words": {"outline": WORDS["outline"]}}},
-        "ablation": {"method": {"anchor": "square", "words": {"outline": WORDS["outline"]}}},
-        # UCE: preserve every toy-world concept (the erased ones are dropped automatically); the guide, one per
-        # erased concept, is derived (derived_defaults): a generic guide ("a shape", "") draws the erased shape
-        "uce": {"method": {"preserve": CONCEPTS, "prompt_template": "a {concept}"}},
-        # RECE: UCE's edit, then as for an object UCE erases easily (RECE's README): 1 round, lambda_adv 0.1,
-        # re-edits preserving "" (train_object.py), the round with the lowest validation rate kept
-        "rece": {"method": {"preserve": CONCEPTS, "prompt_template": "a {concept}", "epochs": 1,
-                            "adversarial_lam": 0.1, "reedit_preserve": [""], "keep": "lowest"}},
-        # TIME: token-aligned source "a {concept}" and destination "a square"
-        "time": {"method": {"guide": ["a square"], "prompt_template": "a {concept}"}},
-        # ESD and the LoRA eraser: their retain term (off unless method.retain_loss_w > 0) keeps the other
-        # concepts of the erased concepts' attributes (derived_defaults: circle keeps the other shapes).
-        # AdvUnlearn: its utility term keeps every other toy-world concept (the erased ones are dropped)
-        "advunlearn": {"method": {"retain": CONCEPTS, "prompt_template": "a {concept}"}},
-        # SLD: the safety concept in the toy world's phrasing ("a circle"), as ESD's prompt
-        "sld": {"method": {"prompt_template": "a {concept}"}},
-    }
+    # What the toy world tells a method (measured choices, see README): its prompts name a concept as
+    # "a circle"; an ablation anchor of the erased concept's attribute ("square", outlines spelt as the
+    # captions do) with the captions naming it; a guide per erased concept (uce_guides: a generic guide,
+    # "a shape" or "", draws the erased shape); every toy concept preserved or retained (the erased ones are
+    # dropped), the erased concepts' attribute neighbours kept by a retain term (circle keeps the other shapes)
+    supplies = {"concept_prompt": "a {concept}", "anchor": "square", "concept_words": {"outline": WORDS["outline"]},
+                "preserve": CONCEPTS, "retain": CONCEPTS}
 
-    def derived_defaults(self, recipe: str, config: DictConfig) -> dict:
-        method = config.get("method") or {}
-        derived = {}
-        anchor = method.get("anchor")
-        if recipe in ("ablation", "lora") and anchor in CONCEPTS:  # the toy world's prompts naming the anchor
-            derived["anchor_prompts"] = prompts_naming(anchor)
-        if recipe in ("uce", "rece"):
+    def supply(self, role: str, config: DictConfig) -> Any:
+        method, concepts = config.get("method") or {}, named_concepts(config)
+        if role == "anchor_prompts":
+            anchor = method.get("anchor")
+            return prompts_naming(anchor) if anchor in CONCEPTS else super().supply(role, config)
+        if role == "guide":
             try:
-                derived["guide"] = uce_guides(named_concepts(config), str(method.get("prompt_template") or "{concept}"))
+                return uce_guides(concepts, str(method.get("prompt_template") or "{concept}"))
             except (KeyError, IndexError, ValueError):
-                pass  # a template that does not format: the config's checks refuse it in one line, naming it
-        if recipe in ("esd", "lora"):  # the retain term (when weighted) keeps the erased concepts' neighbours
-            concepts = named_concepts(config)
-            derived["retain"] = list(dict.fromkeys(c for concept in concepts if concept in CONCEPTS
-                                                   for c in ATTRIBUTES[attribute_of(concept)] if c not in concepts))
-        return {"method": derived} if derived else {}
+                return None  # a template that does not format: the config's checks refuse it in one line, naming it
+        if role == "neighbours":
+            return list(dict.fromkeys(c for concept in concepts if concept in CONCEPTS
+                                      for c in ATTRIBUTES[attribute_of(concept)] if c not in concepts))
+        return super().supply(role, config)
 
-    def check_method(self, recipe: str, method: DictConfig, concepts: Sequence[str]) -> None:
-        """Concept Ablation's anchor must be a concept of the erased concepts' attribute (a shape for a
-        shape): substituting a colour for a shape turns "a blue square" into "a blue red"."""
-        ablates = method.name == "ablation" or (method.name == "lora" and method.get("objective") == "ablation")
-        anchor = method.get("anchor")
-        if not ablates or anchor not in CONCEPTS:
+    def check_method(self, method: type, config: DictConfig, concepts: Sequence[str]) -> None:
+        """An ablation anchor must be a concept of the erased concepts' attribute (a shape for a shape):
+        substituting a colour for a shape turns "a blue square" into "a blue red"."""
+        anchor = config.get("anchor")
+        if not method.reads("anchor", config) or anchor not in CONCEPTS:
             return
         for concept in concepts:
             if concept in CONCEPTS and attribute_of(concept) != attribute_of(anchor):

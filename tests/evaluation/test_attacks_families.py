@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from erasure.architectures import build_random_flux_pipeline, build_random_sdxl_pipeline
+from erasure.toyworld.real_architectures import build_random_flux_pipeline, build_random_sdxl_pipeline
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.families import Conditioning
 from erasure.generation import Sampler

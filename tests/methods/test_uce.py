@@ -93,7 +93,7 @@ def test_the_float64_solution_is_applied_to_float32_weights_precisely():
 @pytest.fixture(scope="module")
 def flux_pipeline():
     """FLUX.1-dev with small random weights and a 16-token T5 context."""
-    from erasure.architectures import build_random_flux_pipeline
+    from erasure.toyworld.real_architectures import build_random_flux_pipeline
 
     pipeline = build_random_flux_pipeline(small=True)
     pipeline.tokenizer_2.model_max_length = 16

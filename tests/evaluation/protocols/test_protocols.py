@@ -154,3 +154,28 @@ def test_the_validation_suite_never_repeats_an_evaluation_image(protocol):
     validation = chosen.validation_suite(concepts, config.evaluation, 0)
     assert validation and all(row.concept in concepts for row in validation)
     assert not evaluated & {(row.prompt, row.evaluation_seed) for row in validation}
+
+
+def test_methods_need_and_protocols_supply_only_known_roles():
+    """Protocols know roles, methods declare them: a misspelt role would silently give no default."""
+    from erasure.methods import METHODS
+    from evaluation.protocols.base import ROLES
+
+    for method in METHODS.values():
+        assert set(method.needs.values()) <= set(ROLES), method.name
+        assert set(method.needs) <= set(method.Config.__dataclass_fields__), method.name
+    for protocol in PROTOCOLS.values():
+        assert set(protocol.supplies) <= set(ROLES), protocol.name
+
+
+def test_a_guide_never_names_the_erased_concept():
+    """TIME takes UCE's guide by its need: erasing square maps it onto another shape, not onto itself."""
+    assert list(load_config(["recipe=time", "concept=square"]).method.guide) == ["a circle"]
+
+
+def test_the_lora_eraser_on_artists_ablates_onto_the_protocols_paintings(tmp_path):
+    artists = write(tmp_path / "a.csv", "case_number,prompt,evaluation_seed,artist\n0,a sky,1,Van Gogh\n1,a pond,2,Monet\n")
+    config = load_config(["recipe=lora", "protocol=artists", "concept=Monet", "method.objective=ablation",
+                          f"evaluation.prompts_csv={artists}", "evaluation.evaluator=none"])
+    assert config.method.anchor == "painting" and config.sources["method.anchor_prompts"] == "protocol artists"
+    assert config.method.target_template == "{anchor_prompt} in the style of {concept}"

@@ -1,0 +1,1 @@
+"""A tiny erasure plug-in (tests/plugins): a prompt-substitution method, its recipe and an attack."""
