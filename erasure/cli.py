@@ -13,31 +13,34 @@ from erasure.config import ConfigError
 from erasure.weights import DeltaError
 from evaluation.attacks import AttackConfigError
 
+PACKAGES = ("erasure", "evaluation")  # the loggers a command shows
 BAD_INPUT = (ConfigError, ModelLoadError, DeltaError, AttackConfigError)  # exit code 2
 
 
 @contextlib.contextmanager
 def console() -> Iterator[None]:
-    """The ``erasure`` loggers' records on the console while a command runs: below WARNING on stdout, the
-    rest on stderr, as plain lines."""
-    logger = logging.getLogger("erasure")
+    """The ``erasure`` and ``evaluation`` loggers' records on the console while a command runs: below
+    WARNING on stdout, the rest on stderr, as plain lines."""
     progress, warnings = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     progress.addFilter(lambda record: record.levelno < logging.WARNING)
     warnings.setLevel(logging.WARNING)
-    handlers = (progress, warnings)
-    for handler in handlers:
+    loggers = [logging.getLogger(name) for name in PACKAGES]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for handler in (progress, warnings):
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    level, propagate = logger.level, logger.propagate
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    for logger in loggers:
+        logger.addHandler(progress)
+        logger.addHandler(warnings)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     try:
         yield
     finally:
-        for handler in handlers:
-            logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
+        for logger, (level, propagate) in zip(loggers, saved):
+            logger.removeHandler(progress)
+            logger.removeHandler(warnings)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def run_command(help_text: str, action: Callable[[list[str]], object], argv: list[str] | None,

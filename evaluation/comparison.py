@@ -157,9 +157,9 @@ def table_columns(rows: Sequence[dict]) -> list[str]:
 
 def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict, runs, attack_budget: str = "") -> None:
     columns = table_columns(rows)
-    write_table(output / "csv", rows)
+    write_table(output / "comparison.csv", rows)
     table = metrics_table(rows, columns)
-    atomic_write_text(output / "md", table + "\n")
+    atomic_write_text(output / "comparison.md", table + "\n")
     metrics_chart(rows[1:], output / "metrics.png")
     if attack_budget:
         robustness_chart(rows[1:], output / "robustness.png")

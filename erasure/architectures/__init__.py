@@ -107,8 +107,7 @@ def tiny_flux(config: dict) -> dict:
 
 
 def padded(tokenizer, max_length: int):
-    """A copy of ``tokenizer`` that pads and truncates to ``max_length`` tokens."""
-    tokenizer = copy.deepcopy(tokenizer)
+    """``tokenizer``, set to pad and truncate to ``max_length`` tokens (it changes: pass one of its own)."""
     tokenizer.model_max_length = max_length
     return tokenizer
 
