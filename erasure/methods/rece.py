@@ -53,7 +53,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import OmegaConf
 
 from erasure.generation import Sampler
 from erasure.methods.uce import SHARED, TOKEN_MODES, UCE, UCEConfig, edit_weight, uce_transform
@@ -152,7 +151,7 @@ class RECE(UCE):
                   "style": {"epochs": 1, "adversarial_lam": 1e-3, "keep": "last"},
                   "object": {**object_rounds(concepts), "reedit_preserve": [""], "keep": "lowest"}}.get(kind)
         first_edit = UCE.kind_defaults(kind, concepts)
-        return OmegaConf.to_container(OmegaConf.merge(first_edit, {"method": rounds})) if rounds else first_edit
+        return {**first_edit, "method": {**first_edit.get("method", {}), **rounds}} if rounds else first_edit
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
