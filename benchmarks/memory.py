@@ -60,7 +60,6 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, UNet2DConditionModel
-from peft import LoraConfig
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -68,11 +67,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from erasure import layers
+from erasure.adapters import LORA_TARGETS, AdapterOptions, add_lora
 from erasure.architectures import architecture_config
 from erasure.io import atomic_write_text
 from erasure.losses import mse
 from erasure.methods.esd import TRAIN_METHODS, esd_target
-from erasure.methods.lora import TARGETS
 
 GB = 1e9
 RESOLUTION = 1024
@@ -175,11 +174,10 @@ def fake_model(build: Callable[[], torch.nn.Module], dtype: torch.dtype = torch.
     return model
 
 
-def add_lora(denoiser: torch.nn.Module, targets: list[str], rank: int) -> torch.nn.Module:
-    """``denoiser`` with the LoRA eraser's adapter on the modules ``targets``, as ``LoRA.select_trainable``
-    adds it (alpha = rank, the default)."""
-    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True),
-                         adapter_name="eraser")
+def with_lora(denoiser: torch.nn.Module, targets: list[str], rank: int) -> torch.nn.Module:
+    """``denoiser`` with the LoRA eraser's adapter on the modules ``targets`` (:func:`erasure.adapters.add_lora`,
+    alpha = rank as recipe lora)."""
+    add_lora(denoiser, targets, AdapterOptions(adapter="lora", rank=rank, alpha=rank))
     return denoiser
 
 
@@ -307,13 +305,13 @@ def sdxl_esd_x(config: dict, resolution: int = RESOLUTION, **options) -> dict:
 
 
 def flux_lora(config: dict, resolution: int = RESOLUTION, rank: int = LORA_RANK, **options) -> dict:
-    """:func:`eraser_step` of the LoRA eraser (rank ``rank``, ``target_modules=xattn``: every joint-attention
+    """:func:`eraser_step` of the LoRA eraser (rank ``rank``, ``lora_targets=xattn``: every joint-attention
     projection) on the FLUX transformer of ``config`` (the "transformer" part of an architecture JSON);
     bank sampling at the embedded guidance (FLUX.1-dev is guidance-distilled: batch = bank)."""
     with FakeTensorMode():
         base = fake_model(lambda: FluxTransformer2DModel(**config))
-        targets = [name for name, _ in layers.matching_modules(base, TARGETS["xattn"])]
-        transformer = fake_model(lambda: add_lora(FluxTransformer2DModel(**config), targets, rank))
+        targets = [name for name, _ in layers.matching_modules(base, LORA_TARGETS["xattn"])]
+        transformer = fake_model(lambda: with_lora(FluxTransformer2DModel(**config), targets, rank))
         trained = {name: p for name, p in transformer.named_parameters() if "lora_" in name}
         channels, side = config["in_channels"] // 4, resolution // 8
         result = eraser_step(transformer, trained, flux_inputs(config, resolution), (channels, side, side),

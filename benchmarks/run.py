@@ -33,6 +33,7 @@ from evaluation.comparison import markdown_table
 
 STEP_KINDS = ("forward", "esd", "esd-bank", "ablation", "lora", "lora-bank")
 BANK = {"sample_from": "frozen", "xt_bank": 16}  # the x_t bank loop (the toy presets' default and recipe esd-fast; see erasure.methods.esd)
+LORA = {"adapter": "lora", "lora_targets": "xattn"}  # recipe lora: ESD through a LoRA on the cross-attention
 UCE_COUNTS = (1, 10, 100, 1000)
 
 
@@ -65,7 +66,6 @@ def measure_step(kind: str, model: str, latent: int, repeats: int) -> dict:
     """One process: build the model, time ``repeats`` training steps (after one warm-up), report the peak."""
     from erasure.methods.ablation import Ablation, AblationConfig, Anchors
     from erasure.methods.esd import ESD, ESDConfig
-    from erasure.methods.lora import LoRA, LoRAConfig
 
     pipeline = load(model, latent)
     if kind == "forward":
@@ -83,8 +83,8 @@ def measure_step(kind: str, model: str, latent: int, repeats: int) -> dict:
                                 ["circle"]),
         "ablation": lambda: Ablation(pipeline, AblationConfig(anchor="square", anchor_prompts=["a square"], batch_size=1,
                                                               num_anchor_images=2, anchor_steps=2), ["circle"]),
-        "lora": lambda: LoRA(pipeline, LoRAConfig(ddim_steps=10, batch_size=1, **paper), ["circle"]),
-        "lora-bank": lambda: LoRA(pipeline, LoRAConfig(ddim_steps=10, batch_size=1, **BANK), ["circle"]),
+        "lora": lambda: ESD(pipeline, ESDConfig(ddim_steps=10, batch_size=1, **LORA, **paper), ["circle"]),
+        "lora-bank": lambda: ESD(pipeline, ESDConfig(ddim_steps=10, batch_size=1, **LORA, **BANK), ["circle"]),
     }[kind]()
     module.log = lambda *args, **kwargs: None
     if kind == "ablation":

@@ -1,12 +1,10 @@
-"""Running many training commands: here one after another, as local processes, or on a SLURM cluster.
+"""Running the training commands of ``erasure.compare``: here one after another, as local processes, or on a
+SLURM cluster. (Multiruns of ``erasure.train -m`` take Hydra's launchers instead: :mod:`erasure.multirun`.)
 
 The engine is submitit (Meta's job launcher, the one behind Hydra's submitit launcher): its local
 executor starts each job as a process of this machine, its SLURM executor submits job arrays, and
-the code that runs a job is the same for both. It was chosen over Hydra's multirun (the commands
-here are not Hydra apps, and Hydra's launchers for these targets are submitit and joblib) and Ray
-(a cluster runtime to install and start, where SLURM is what research clusters run). Each job is
-``python -m erasure.train <arguments>`` in its own process, so Lightning's DDP launcher can re-run
-a multi-device job's command line.
+the code that runs a job is the same for both. Each job is ``python -m erasure.train <arguments>`` in
+its own process, so Lightning's DDP launcher can re-run a multi-device job's command line.
 
     launcher.cluster=inline   one after another in this process (default)
     launcher.cluster=local    local processes, ``launcher.parallel`` at once; with

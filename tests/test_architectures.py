@@ -25,7 +25,6 @@ from erasure.toyworld.real_architectures import (
 from erasure.generation import Sampler, generate
 from erasure.methods.ablation import Ablation, AblationConfig, Anchors, ablation_loss
 from erasure.methods.esd import ESD, ESDConfig, esd_loss
-from erasure.methods.lora import LoRA, LoRAConfig
 from erasure.methods.uce import UCE, UCEConfig
 
 LATENT = 8
@@ -88,7 +87,7 @@ def test_prediction_types():
 
 
 def test_lora_step(pipeline):
-    module = LoRA(pipeline, LoRAConfig(ddim_steps=2, batch_size=1), ["circle"])
+    module = ESD(pipeline, ESDConfig(adapter="lora", lora_targets="xattn", ddim_steps=2, batch_size=1), ["circle"])
     loss = esd_loss(module, module.config)
     loss.backward()
     assert torch.isfinite(loss) and all(".attn2." in n for n in module.trained)

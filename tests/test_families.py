@@ -14,7 +14,6 @@ from erasure.generation import Sampler, generate
 from erasure.methods.ablation import Ablation, AblationConfig, Anchors, ablation_loss
 from erasure.methods.esd import ESD, ESDConfig, esd_loss
 from erasure.methods.instruction import Instruction, InstructionConfig
-from erasure.methods.lora import LoRA, LoRAConfig
 from erasure.methods.uce import SHARED, UCE, UCEConfig
 from erasure.train import main as train
 
@@ -166,8 +165,8 @@ def test_instruction_rewrites_prompts_and_samples(family):
 def test_lora_eraser_loads_into_the_plain_pipeline_and_reproduces_its_images(family, tmp_path):
     """Trained a step, saved, and loaded with the family pipeline's own ``load_lora_weights``: the
     plain pipeline call gives the erased model's images exactly."""
-    module = LoRA(BUILDERS[family](), LoRAConfig(ddim_steps=2, xt_bank=2, sample_from="frozen", batch_size=2),
-                  ["circle"], resolution=RESOLUTION)
+    config = ESDConfig(adapter="lora", lora_targets="xattn", ddim_steps=2, xt_bank=2, sample_from="frozen", batch_size=2)
+    module = ESD(BUILDERS[family](), config, ["circle"], resolution=RESOLUTION)
     one_step(module, lambda: esd_loss(module, module.config))
     path = module.save_erased(tmp_path)
     sampler, prompts, seeds = Sampler(steps=3, guidance=3.0), ["a circle", "a red square"], [0, 1]
@@ -178,7 +177,7 @@ def test_lora_eraser_loads_into_the_plain_pipeline_and_reproduces_its_images(fam
     plain.load_lora_weights(path.parent)
     loaded = generate(plain, prompts, seeds, sampler, resolution=RESOLUTION)
     assert torch.equal(loaded, erased) and not torch.equal(loaded, original)
-    fresh = LoRA(BUILDERS[family](), module.config, ["circle"], resolution=RESOLUTION)
+    fresh = ESD(BUILDERS[family](), module.config, ["circle"], resolution=RESOLUTION)
     fresh.load_erased(tmp_path)
     assert all(torch.equal(fresh.trained[n], p) for n, p in module.trained.items())
 

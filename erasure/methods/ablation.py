@@ -84,6 +84,7 @@ from erasure import layers
 from erasure.generation import Sampler
 from erasure.io import atomic_save_tensors
 from erasure.losses import LOSSES
+from erasure.adapters import ADAPTER_CHOICES, AdapterOptions
 from erasure.methods.base import EraserModule, MethodConfig
 
 PARAMETER_GROUPS = {"xattn-kv": layers.CROSS_ATTENTION_KV, "attn": layers.ATTENTION, "full": layers.EVERYTHING}
@@ -107,7 +108,7 @@ TARGET_TEMPLATE_SETS = {
 
 
 @dataclass
-class AblationConfig(MethodConfig):
+class AblationConfig(AdapterOptions, MethodConfig):
     name: str = "ablation"
     anchor: str = ""  # the anchor concept (another concept or a superclass); the protocol gives one
     anchor_prompts: list[str] = field(default_factory=list)  # prompts naming the anchor (the protocol's)
@@ -233,7 +234,7 @@ def start_token_detached(unet: torch.nn.Module) -> Iterator[None]:
 
 
 def ablation_loss(module: EraserModule, config: AblationConfig, anchors: Anchors) -> torch.Tensor:
-    """One Concept Ablation step's loss for ``module`` (an Ablation or a LoRA eraser)."""
+    """One Concept Ablation step's loss for ``module``."""
     generator = module.step_generator()
 
     def trained_prediction(x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
@@ -286,7 +287,7 @@ def ablation_optimizer(module: EraserModule, config: AblationConfig) -> torch.op
 class Ablation(EraserModule):
     name = "ablation"
     Config = AblationConfig
-    choices = {"loss": tuple(LOSSES), "parameters": tuple(PARAMETER_GROUPS), **ABLATION_CHOICES}
+    choices = {"loss": tuple(LOSSES), "parameters": tuple(PARAMETER_GROUPS), **ABLATION_CHOICES, **ADAPTER_CHOICES}
     needs = {"anchor": "anchor", "anchor_prompts": "anchor_prompts", "words": "concept_words",
              "anchor_negative_prompt": "anchor_negative_prompt", "target_template": "anchor_target_template"}
     # the authors' nudity command (nupurkmr9/concept-ablation diffusers/README.md): every attention projection,

@@ -69,9 +69,10 @@ import torch
 
 from erasure import layers
 from erasure.losses import LOSSES
+from erasure.adapters import ADAPTER_CHOICES, AdapterOptions
 from erasure.methods.base import EraserModule, MethodConfig
 from erasure.methods.esd import (
-    RetainOptions, check_retain, compvis_steps, ddpm_window, esd_target, retain_loss, retain_prompts,
+    RetainOptions, check_retain, compvis_xt, ddpm_window, esd_target, retain_loss, retain_prompts,
 )
 from erasure.weights import TEXT_ENCODER_PREFIX
 
@@ -114,7 +115,7 @@ def retain_batch_at(prompts: Sequence[str], batch: int, step: int, shuffle_seed:
 
 
 @dataclass
-class AdvUnlearnConfig(RetainOptions, MethodConfig):
+class AdvUnlearnConfig(AdapterOptions, RetainOptions, MethodConfig):
     name: str = "advunlearn"
     train_method: str = "text_encoder_full"  # text_encoder_full (reference) | xattn (UNet attn2, ESD-x)
     lr: float = 1e-5  # reference
@@ -140,7 +141,7 @@ class AdvUnlearn(EraserModule):
     Config = AdvUnlearnConfig
     families = ("sd",)  # its adversarial prompts are token embeddings of the one CLIP encoder SD-1.x/2.x reads
     choices = {"loss": tuple(LOSSES), "train_method": TRAIN_METHODS, "attack_type": ("prefix_k", "suffix_k"),
-               "attack_method": ("pgd", "fast_at"), "attack_init": ("latest", "random")}
+               "attack_method": ("pgd", "fast_at"), "attack_init": ("latest", "random"), **ADAPTER_CHOICES}
     needs = {"prompt_template": "concept_prompt", "retain": "retain"}
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -149,6 +150,9 @@ class AdvUnlearn(EraserModule):
 
     @classmethod
     def check(cls, config: AdvUnlearnConfig, concepts: Sequence[str]) -> None:
+        if config.adapter == "lora" and config.train_method != "xattn":
+            raise ValueError("method.adapter=lora wraps UNet projections: use method.train_method=xattn with it "
+                             "(the text encoder is trained as its own tensors)")
         if config.attack_lr <= 0:
             raise ValueError(f"method.attack_lr must be positive, got {config.attack_lr}")
         for key in ("adv_prompt_num", "attack_step", "adv_prompt_update_step"):
@@ -203,21 +207,21 @@ class AdvUnlearn(EraserModule):
 
     # ----- the objective -------------------------------------------------------------------
     def draw_timestep(self, generator: torch.Generator) -> tuple[int, int]:
-        """(DDIM steps to take, the query timestep): the reference's (CompVis) draw of k, its sampler's
-        stopping step for k and t in k's window."""
+        """(k, the query timestep): the reference's (CompVis) draw of the DDIM step k and of t in k's window,
+        one t for the batch, both before x_t is sampled."""
         steps = self.config.ddim_steps
         k = int(torch.randint(steps, (1,), generator=generator))
         low, high = ddpm_window(k, steps, self.family.num_train_timesteps)
-        return compvis_steps(k, steps), int(torch.randint(low, high, (1,), generator=generator))
+        return k, int(torch.randint(low, high, (1,), generator=generator))
 
-    def noisy_latents(self, embeds: torch.Tensor, stop: int, timestep: int,
+    def noisy_latents(self, embeds: torch.Tensor, k: int, timestep: int,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, t): ``stop`` guided DDIM steps from noise with the conditioning ``embeds``, t = ``timestep``."""
+        """(x_t, t): ESD's CompVis x_t for the draw k (:func:`erasure.methods.esd.compvis_xt`) with the
+        conditioning ``embeds``, t = ``timestep``."""
         # the reference samples with the current UNet and the original text encoder's conditioning
-        # recorded: its last latent exists also when every step is taken, where no DDIM timestep follows
-        trajectory, _ = self.sample_until(embeds, stop, self.config.ddim_steps, self.config.sample_guidance,
-                                          generator, frozen=self.trains_text_encoder, record=True)
-        return trajectory[:, -1], torch.full((len(embeds),), timestep, device=self.device)
+        latents = compvis_xt(self, embeds, k, self.config.ddim_steps, self.config.sample_guidance, generator,
+                             frozen=self.trains_text_encoder)
+        return latents, torch.full((len(embeds),), timestep, device=self.device)
 
     def attack_loss(self, prompt: str, tokens: torch.Tensor, latents: torch.Tensor, t: torch.Tensor,
                     eps_concept: torch.Tensor) -> torch.Tensor:
@@ -258,8 +262,8 @@ class AdvUnlearn(EraserModule):
 
         concept_embeds = self.encode_frozen([prompt] * config.batch_size)
         null_embeds = self.encode_frozen([""] * config.batch_size)
-        stop, timestep = self.draw_timestep(generator)
-        latents, t = self.noisy_latents(concept_embeds, stop, timestep, generator)
+        k, timestep = self.draw_timestep(generator)
+        latents, t = self.noisy_latents(concept_embeds, k, timestep, generator)
         eps_concept = self.predict_frozen(latents, t, concept_embeds)
         target = esd_target(eps_concept, eps_concept, self.predict_frozen(latents, t, null_embeds), config.eta)
         trained_embeds = (self.adversarial_encoding(prompt, self.adversarial_tokens, config.batch_size) if attacking
@@ -269,7 +273,7 @@ class AdvUnlearn(EraserModule):
         if config.retain_loss_w == 0:
             return unlearn
         prompts = self.retain_prompts_of_step()
-        retain_latents, retain_t = self.noisy_latents(self.encode_frozen(prompts), stop, timestep, generator)
+        retain_latents, retain_t = self.noisy_latents(self.encode_frozen(prompts), k, timestep, generator)
         retain = retain_loss(self, prompts, retain_latents, retain_t)
         self.log("train/retain_loss", retain.detach())
         return unlearn + config.retain_loss_w * retain

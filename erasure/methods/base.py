@@ -13,7 +13,9 @@ It owns what all methods share:
 * partial sampling with guidance (x_t for ESD-style objectives): DDIM with classifier-free
   guidance, or FLUX's Euler sampler;
 * generation through the ordinary pipeline call (for the evaluation callback);
-* saving the result as a delta of the changed tensors.
+* saving the result as a delta of the changed tensors, or with ``method.adapter=lora`` (a method whose
+  config has :class:`~erasure.adapters.AdapterOptions`) as a LoRA on the selected projections, saved as a
+  diffusers LoRA folder (:mod:`erasure.adapters`).
 
 A method sets ``name``, a ``Config`` dataclass of its options, the layers it trains
 (``trained_layers``), its objective (``objective``) and, if not all, the model ``families`` it runs on.
@@ -38,6 +40,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from erasure import generation
+from erasure.adapters import LORA_TARGETS, add_lora, load_lora, save_lora
 from erasure.families import Conditioning, as_conditioning, family_of
 from erasure.layers import Region, matching_modules
 from erasure.losses import LOSSES
@@ -103,23 +106,32 @@ class EraserModule(L.LightningModule):
         """Which denoiser layers the method changes (``erasure.layers``); None: none."""
         raise NotImplementedError
 
+    @property
+    def adapter(self) -> str:
+        """How the trained weights are parameterised (:mod:`erasure.adapters`): ``none`` or ``lora``."""
+        return getattr(self.config, "adapter", "none")
+
     def select_trainable(self) -> dict[str, torch.nn.Parameter]:
-        """The parameters of the denoiser's Linear/Conv2d modules that :meth:`trained_layers` selects.
+        """The parameters of the denoiser's Linear/Conv2d modules that :meth:`trained_layers` selects, or
+        with ``adapter=lora`` the factors of a LoRA on them (on ``lora_targets`` where named).
 
         A method that trains the text encoder returns its parameters as ``text_encoder.<name>``."""
         region = self.trained_layers()
         if region is None:
             return {}
+        if self.adapter == "lora":
+            region = LORA_TARGETS.get(self.config.lora_targets, region)
         try:
-            selected = {f"{module_name}.{parameter_name}": parameter
-                        for module_name, module in matching_modules(self.denoiser, region)
-                        for parameter_name, parameter in module.named_parameters(recurse=False)}
+            modules = list(matching_modules(self.denoiser, region))
         except ValueError as error:
             raise ValueError(f"{self.name}: {error}; choose other layers for a {self.family.name} model") from None
-        if not selected:
+        if not modules:
             raise ValueError(f"{self.name}: no {type(self.denoiser).__name__} parameter matches "
                              f"{region.selector_for(self.denoiser)[0]!r}; is this a diffusers SD/SDXL/FLUX model?")
-        return selected
+        if self.adapter == "lora":
+            return add_lora(self.denoiser, [name for name, _ in modules], self.config)
+        return {f"{module_name}.{parameter_name}": parameter for module_name, module in modules
+                for parameter_name, parameter in module.named_parameters(recurse=False)}
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -339,8 +351,11 @@ class EraserModule(L.LightningModule):
         return {n: p.detach() for n, p in self.trained.items() if not torch.equal(p.detach(), self.original[n].to(p.device))}
 
     def save_erased(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``folder/unet_delta.safetensors`` with the changed tensors only (``erasure.weights``)."""
+        """Write ``folder/unet_delta.safetensors`` with the changed tensors only (``erasure.weights``), or
+        with ``adapter=lora`` the diffusers LoRA folder (``pytorch_lora_weights.safetensors``)."""
         folder = Path(folder)
+        if self.adapter == "lora":
+            return save_lora(self.pipeline, self.denoiser, self.family.denoiser_name, folder)
         folder.mkdir(parents=True, exist_ok=True)
         info = {"method": self.name, "concepts": ",".join(self.concepts), **{k: str(v) for k, v in (metadata or {}).items()}}
         save_delta(self.changed_tensors(), folder / DELTA_FILE, metadata=info)
@@ -349,6 +364,9 @@ class EraserModule(L.LightningModule):
     @torch.no_grad()
     def load_erased(self, folder: Path) -> None:
         """The inverse of :meth:`save_erased`: put a saved result into the trained tensors."""
+        if self.adapter == "lora":
+            load_lora(self.denoiser, self.family.denoiser_name, folder)
+            return
         delta = load_delta(Path(folder) / DELTA_FILE)
         unknown = sorted(set(delta) - set(self.trained))
         if unknown:

@@ -88,6 +88,7 @@ import torch
 from erasure import layers
 from erasure.families import Conditioning, Flux
 from erasure.losses import LOSSES
+from erasure.adapters import ADAPTER_CHOICES, AdapterOptions
 from erasure.methods.base import EraserModule, MethodConfig
 
 TRAIN_METHODS = {
@@ -110,7 +111,7 @@ class RetainOptions:
 
 
 @dataclass
-class ESDConfig(RetainOptions, MethodConfig):
+class ESDConfig(AdapterOptions, RetainOptions, MethodConfig):
     name: str = "esd"
     train_method: str = "esd-x"
     eta: float = 1.0  # negative guidance, paper convention
@@ -136,7 +137,7 @@ def esd_target(eps_from: torch.Tensor, eps_concept: torch.Tensor, eps_null: torc
 class ESD(EraserModule):
     name = "esd"
     Config = ESDConfig
-    choices = {"loss": tuple(LOSSES), "train_method": tuple(TRAIN_METHODS), **ESD_CHOICES}
+    choices = {"loss": tuple(LOSSES), "train_method": tuple(TRAIN_METHODS), **ESD_CHOICES, **ADAPTER_CHOICES}
     needs = {"prompt_template": "concept_prompt", "retain": "neighbours"}
     # the parameters of the authors' released models: ESD-x for artist styles, ESD-u for objects and nudity
     by_concept_kind = {"style": {"method": {"train_method": "esd-x"}}, "object": {"method": {"train_method": "esd-u"}},
@@ -195,7 +196,7 @@ def retain_loss(module: EraserModule, prompts: Sequence[str], latents: torch.Ten
 
 
 def esd_loss(module: EraserModule, config: ESDConfig) -> torch.Tensor:
-    """One ESD step's loss for ``module`` (an ESD or a LoRA eraser with the ESD objective), with the
+    """One ESD step's loss for ``module``, with the
     retain term when ``retain_loss_w`` > 0."""
     generator = module.step_generator()
     concept = module.concepts[int(torch.randint(len(module.concepts), (1,), generator=generator))]
@@ -241,11 +242,19 @@ def sampled_xt(module: EraserModule, config: ESDConfig, condition: Conditioning,
     frozen = config.sample_from == "frozen"
     if config.query_timestep == "ddim":
         return module.sample_until(condition, k, config.ddim_steps, config.sample_guidance, generator, frozen=frozen)
-    # recorded: its last latent exists also when every step is taken (k < 2), where no DDIM timestep follows
-    trajectory, _ = module.sample_until(condition, compvis_steps(k, config.ddim_steps), config.ddim_steps,
-                                        config.sample_guidance, generator, frozen=frozen, record=True)
+    latents = compvis_xt(module, condition, k, config.ddim_steps, config.sample_guidance, generator, frozen)
     low, high = ddpm_window(k, config.ddim_steps, module.family.num_train_timesteps)
-    return trajectory[:, -1], torch.randint(low, high, (len(trajectory),), generator=generator).to(module.device)
+    return latents, torch.randint(low, high, (len(latents),), generator=generator).to(module.device)
+
+
+def compvis_xt(module: EraserModule, condition: Conditioning | torch.Tensor, k: int, steps: int, guidance: float,
+               generator: torch.Generator, frozen: bool) -> torch.Tensor:
+    """x_t as the CompVis code's sampler returns it for ``till_T = k``: :func:`compvis_steps` guided DDIM
+    steps of ``steps`` from noise, by the original model if ``frozen``, else the trained one."""
+    # recorded: its last latent exists also when every step is taken (k < 2), where no DDIM timestep follows
+    trajectory, _ = module.sample_until(condition, compvis_steps(k, steps), steps, guidance, generator,
+                                        frozen=frozen, record=True)
+    return trajectory[:, -1]
 
 
 class TrajectoryBank:

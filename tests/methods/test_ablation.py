@@ -104,7 +104,7 @@ def test_anchors_that_cannot_be_ablated_towards_are_one_line_errors(options, mes
 @pytest.mark.parametrize("arguments, message", [
     (["recipe=ablation", "method.anchor=red"],
      "method.anchor 'red' is a color but concept 'circle' is a shape; set method.anchor to another shape"),
-    (["recipe=lora", "method.objective=ablation", "method.anchor=striped"], "method.anchor 'striped' is a style"),
+    (["recipe=ablation", "method.adapter=lora", "method.anchor=striped"], "method.anchor 'striped' is a style"),
     (["recipe=ablation", "method.anchor=circle"], "method.anchor 'circle' is the erased concept itself"),
 ])
 def test_a_toy_world_anchor_of_another_kind_or_the_concept_itself_is_refused(tmp_path, capsys, arguments, message):

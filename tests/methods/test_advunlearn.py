@@ -10,7 +10,7 @@ from erasure.config import load_config
 from erasure.methods.advunlearn import (
     AdvUnlearn, AdvUnlearnConfig, retain_batch_at, retain_set,
 )
-from erasure.methods.esd import retain_loss, retain_prompts
+from erasure.methods.esd import compvis_steps, retain_loss, retain_prompts
 from erasure.train import main
 from tests.methods import assert_bad_setting
 from erasure.weights import DeltaError, apply_delta, load_delta
@@ -217,9 +217,10 @@ def test_x_t_follows_the_compvis_loop_the_reference_copies():
     module = make(ddim_steps=50)
     generator = torch.Generator().manual_seed(0)
     draws = [module.draw_timestep(generator) for _ in range(400)]
-    assert all(stop == min(50, 51 - t // 20) for stop, t in draws)
-    assert {t // 20 for _, t in draws} == set(range(50))  # every DDIM step's window is drawn
+    assert all(t // 20 == k for k, t in draws)  # t in k's window
+    assert {k for k, _ in draws} == set(range(50))  # every DDIM step's window is drawn
+    assert [compvis_steps(k, 50) for k in (0, 1, 2, 49)] == [50, 50, 49, 2]  # the steps compvis_xt takes
     small = make(ddim_steps=3)
     embeds = small.encode_frozen(["a circle"])
-    latents, t = small.noisy_latents(embeds, 3, 5, generator)  # every step taken (k < 2): the final sample
+    latents, t = small.noisy_latents(embeds, 0, 5, generator)  # every step taken (k < 2): the final sample
     assert latents.shape[0] == 1 and torch.isfinite(latents).all() and t.tolist() == [5]

@@ -265,7 +265,7 @@ def test_training_with_the_retain_term_moves_the_kept_prompts_less_and_still_era
 @pytest.mark.parametrize(("recipe", "arguments", "message"), [
     ("esd", ["method.retain_loss_w=1", "method.retain=[circle]"], "method.retain names no concept to keep"),
     ("esd", ["method.retain_loss_w=-1"], "method.retain_loss_w must be 0 or more"),
-    ("lora", ["method.objective=ablation", "method.retain_loss_w=1"], "method.retain_loss_w weighs the ESD objective"),
+    ("lora", ["method.retain_loss_w=1", "method.retain=[circle]"], "method.retain names no concept to keep"),
 ])
 def test_a_retain_term_that_cannot_work_is_refused(recipe, arguments, message, tmp_path, capsys):
     assert_bad_setting(recipe, ["concept=circle", *arguments], message, tmp_path / "run", capsys)

@@ -175,7 +175,7 @@ def test_a_guide_never_names_the_erased_concept():
 
 def test_the_lora_eraser_on_artists_ablates_onto_the_protocols_paintings(tmp_path):
     artists = write(tmp_path / "a.csv", "case_number,prompt,evaluation_seed,artist\n0,a sky,1,Van Gogh\n1,a pond,2,Monet\n")
-    config = load_config(["recipe=lora", "protocol=artists", "concept=Monet", "method.objective=ablation",
+    config = load_config(["recipe=ablation", "method.adapter=lora", "protocol=artists", "concept=Monet",
                           f"evaluation.prompts_csv={artists}", "evaluation.evaluator=none"])
     assert config.method.anchor == "painting" and config.sources["method.anchor_prompts"] == "protocol artists"
     assert config.method.target_template == "{anchor_prompt} in the style of {concept}"
