@@ -2,7 +2,7 @@
 
     python -m benchmarks.depth                                  # the grid below, into runs/depth
     python -m benchmarks.depth --output runs/depth --attacks unlearndiffatk embedding relearn
-    python -m benchmarks.depth --attack unlearndiffatk_timesteps=10   # a reduced TextGrad budget, named in depth.csv
+    python -m benchmarks.depth --attack unlearndiffatk.timesteps=10   # a reduced TextGrad budget, named in depth.csv
 
 Each setting of the grid (one method, its erasure strength turned down from the toy preset towards
 paper-like gentleness) is trained and evaluated as ``python -m erasure.train`` does, then attacked
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("runs/depth"))
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     parser.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
-                        help="an attack option (evaluation.attacks.AttackConfig), e.g. unlearndiffatk_timesteps=10")
+                        help="an attack option (evaluation.attacks.AttackConfig), e.g. unlearndiffatk.timesteps=10")
     args = parser.parse_args(argv)
     try:
         config = attack_config(args.attack)

@@ -1,9 +1,9 @@
 """Attack a finished erasure run: does the erased concept come back?
 
     python -m erasure.attack run=runs/esd/20261122-101500
-    python -m erasure.attack run=<run dir> attacks=[inversion] attack.inversion_budget=toy attack.inversion_steps=400
-    python -m erasure.attack run=<run dir> attacks=[embedding,relearn] attack.relearn_steps=[0,25,50,100]
-    python -m erasure.attack run=<run dir> attacks=[unlearndiffatk,ring_a_bell] attack.ring_a_bell_generations=100
+    python -m erasure.attack run=<run dir> attacks=[inversion] attack.inversion.budget=toy attack.inversion.steps=400
+    python -m erasure.attack run=<run dir> attacks=[embedding,relearn] attack.relearn.steps=[0,25,50,100]
+    python -m erasure.attack run=<run dir> attacks=[unlearndiffatk,ring_a_bell] attack.ring_a_bell.generations=100
 
 Writes <run>/attacks/<attack>.json (attack success rate next to the unattacked target accuracy,
 the budget, the loss curve; relearn: the rate after each step count and its control's) and

@@ -378,8 +378,8 @@ POSITIVE = {  # keys (the part after "method." for methods) whose values must be
     "evaluation.steps", "evaluation.images_per_prompt", "evaluation.batch_size", "model.resolution",
     "method.lr", "method.batch_size", "method.sigma", "method.ddim_steps", "method.rank", "method.alpha",
     "method.num_anchor_images", "method.anchor_steps", "method.lam", "method.max_grad_norm",
-    "attack.steps", "attack.lr", "attack.batch_size", "attack.images", "attack.inversion_tokens",
-    "attack.soft_prompt_tokens", "grid_prompts",
+    "attack.steps", "attack.lr", "attack.batch_size", "attack.images", "attack.inversion.tokens",
+    "attack.soft_prompt.tokens", "grid_prompts",
 }
 AT_MOST = {"evaluation.steps": 1000, "method.ddim_steps": 1000, "method.anchor_steps": 1000,  # DDIM over 1000 steps
            "method.anchor_eta": 1.0,  # DDIM's eta: 0 (deterministic) to 1 (DDPM-like)

@@ -165,15 +165,15 @@ def test_compare_and_attack_on_real_protocol_runs(runs, tmp_path, capsys):
     assert "efficacy/target_acc" in table and "[" in table  # intervals in the table
     for method in ("esd", "uce"):
         assert attack([f"run={runs['csv', method]}", "attacks=[inversion,soft_prompt]", "attack.steps=2",
-                       "attack.images=2", "attack.batch_size=1", "attack.inversion_budget=toy",
-                       "attack.inversion_steps=2", "attack.inversion_images=2", "attack.inversion_batch_size=1"]) == 0
+                       "attack.images=2", "attack.batch_size=1", "attack.inversion.budget=toy",
+                       "attack.inversion.steps=2", "attack.inversion.images=2", "attack.inversion.batch_size=1"]) == 0
         result = json.loads((runs["csv", method] / "attacks" / "inversion.json").read_text())
         low, high = result["attack_success_rate_ci95"]
         assert 0 <= low <= result["attack_success_rate"] <= high <= 1
     # the field's attacks on runs of every real protocol (77-token CLIP context, CLIP / NudeNet / ResNet evaluators)
-    field_attacks = ["attacks=[unlearndiffatk,ring_a_bell,relearn,embedding]", "attack.unlearndiffatk_iterations=2",
-                     "attack.unlearndiffatk_timesteps=1", "attack.ring_a_bell_population=4",
-                     "attack.ring_a_bell_generations=1", "attack.ring_a_bell_tokens=4", "attack.relearn_steps=[0,1]",
+    field_attacks = ["attacks=[unlearndiffatk,ring_a_bell,relearn,embedding]", "attack.unlearndiffatk.iterations=2",
+                     "attack.unlearndiffatk.timesteps=1", "attack.ring_a_bell.population=4",
+                     "attack.ring_a_bell.generations=1", "attack.ring_a_bell.tokens=4", "attack.relearn.steps=[0,1]",
                      "attack.steps=1", "attack.images=2", "attack.batch_size=1"]
     for protocol in ("csv", "nudity", "objects", "artists"):
         assert attack([f"run={runs[protocol, 'esd']}", *field_attacks]) == 0, protocol

@@ -2,7 +2,8 @@
 
 Each attack is a plug-in: a module of this package with a function ``attack(target, config) ->
 AttackResult`` (:mod:`evaluation.attacks.base`), registered in :data:`ATTACKS`, its budget in
-:class:`AttackConfig` (``attack.<option>`` on the command line) and in every result. Other packages
+:class:`AttackConfig` (``attack.<attack>.<option>`` on the command line, its own group, beside the
+shared ``attack.<option>``) and in every result. Other packages
 add attacks through ``erasure.attacks`` entry points (:mod:`erasure.plugins`); the options of
 AttackConfig such an attack reads are its function's ``options`` attribute. Its objective
 is stated in its module:
@@ -45,11 +46,13 @@ tokens go into every text encoder; pooled vectors follow the prompt's text. Each
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
 
 from erasure.plugins import plugins
 from evaluation.attacks import embedding, pez, relearn, ring_a_bell, tokens, unlearndiffatk
 from evaluation.attacks.base import (
-    EMBEDDING_POSITIONS, AttackConfig, AttackConfigError, AttackResult, Target, check_attack_config, first_last,
+    EMBEDDING_POSITIONS, AttackConfig, AttackConfigError, AttackResult, EmbeddingOptions, InversionOptions, PEZOptions,
+    RelearnOptions, RingABellOptions, SoftPromptOptions, Target, UnlearnDiffAtkOptions, check_attack_config, first_last,
 )
 
 ATTACKS: dict[str, Callable[[Target, AttackConfig], AttackResult]] = {
@@ -64,27 +67,31 @@ ATTACKS: dict[str, Callable[[Target, AttackConfig], AttackResult]] = {
 ATTACKS |= plugins("erasure.attacks", ATTACKS)
 
 SHARED_OPTIONS = ("seed",)
-OPTIONS = {  # the options of AttackConfig each attack reads: its budget
-    "inversion": ("init_word", *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("inversion"))),
-    "soft_prompt": ("steps", "lr", "batch_size", "images", "soft_prompt_tokens", "init_word"),
-    "unlearndiffatk": ("init_word", "random_control",
-                       *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("unlearndiffatk"))),
-    "pez": ("init_word", "random_control", *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("pez"))),
-    "ring_a_bell": ("init_word", "random_control",
-                    *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("ring_a_bell"))),
-    "embedding": ("steps", "batch_size", "images", *(k for k in AttackConfig.__dataclass_fields__
-                                                     if k.startswith("embedding"))),
-    "relearn": ("batch_size", "images", *(k for k in AttackConfig.__dataclass_fields__ if k.startswith("relearn"))),
+OPTIONS = {  # the options of AttackConfig each attack reads (its own group whole): its budget
+    "inversion": ("init_word", "inversion"),
+    "soft_prompt": ("steps", "lr", "batch_size", "images", "soft_prompt", "init_word"),
+    "unlearndiffatk": ("init_word", "random_control", "unlearndiffatk"),
+    "pez": ("init_word", "random_control", "pez"),
+    "ring_a_bell": ("init_word", "random_control", "ring_a_bell"),
+    "embedding": ("steps", "batch_size", "images", "embedding"),
+    "relearn": ("batch_size", "images", "relearn"),
 }
 
-__all__ = ["ATTACKS", "EMBEDDING_POSITIONS", "AttackConfig", "AttackConfigError", "AttackResult", "Target",
-           "budget", "check_attack_config", "measure_attack"]
+__all__ = ["ATTACKS", "EMBEDDING_POSITIONS", "AttackConfig", "AttackConfigError", "AttackResult", "EmbeddingOptions",
+           "InversionOptions", "PEZOptions", "RelearnOptions", "RingABellOptions", "SoftPromptOptions", "Target",
+           "UnlearnDiffAtkOptions", "budget", "check_attack_config", "measure_attack"]
 
 
 def budget(name: str, config: AttackConfig) -> dict:
     """The options attack ``name`` reads, with their values: what its result depends on."""
     reads = OPTIONS[name] if name in OPTIONS else getattr(ATTACKS[name], "options", ())  # a plug-in's: its own list
-    return {key: getattr(config, key) for key in (*reads, *SHARED_OPTIONS)}
+    return {key: flattened for name in (*reads, *SHARED_OPTIONS)
+            for key, flattened in flatten_option(name, config.option(name)).items()}
+
+
+def flatten_option(name: str, value) -> dict:
+    """``{name: value}``, a group's fields as ``name.field``."""
+    return {f"{name}.{k}": v for k, v in asdict(value).items()} if is_dataclass(value) else {name: value}
 
 
 def measure_attack(name: str, target: Target, config: AttackConfig) -> AttackResult:

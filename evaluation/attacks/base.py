@@ -3,6 +3,7 @@ what an attack returns (:class:`AttackResult`) and the attacker's data."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,63 +26,112 @@ class AttackConfigError(ValueError):
 
 
 @dataclass
+class InversionOptions:
+    """inversion (Pham et al., ICLR 2024): a named budget (tokens.INVERSION_BUDGETS: ``authors`` = their scripts'
+    5000 updates of 4 x 4 accumulated images, lr 5e-3 scaled by 16, AdamW decay 1e-2, 25 images, flip 0.5;
+    ``toy`` = scaled to the toy world); each field set here replaces the budget's value."""
+
+    tokens: int = 1
+    budget: str = "authors"  # authors | toy
+    steps: int | None = None  # optimiser updates
+    lr: float | None = None
+    scale_lr: bool | None = None  # optimiser lr = lr x batch_size x accumulation
+    batch_size: int | None = None  # images per forward pass
+    accumulation: int | None = None  # forward passes per update
+    images: int | None = None
+    weight_decay: float | None = None
+    flip_p: float | None = None  # probability that a drawn image is mirrored
+
+
+@dataclass
+class SoftPromptOptions:
+    """soft_prompt: K new tokens prepended (its steps, lr, batch and images are the shared ones)."""
+
+    tokens: int = 4
+
+
+@dataclass
+class EmbeddingOptions:
+    """embedding: Adam on text-encoder outputs (hidden states of unit scale, not token-table rows: lr of its own)."""
+
+    lr: float = 1e-2
+    positions: str = "concept+end"  # concept+end | all: which positions of each prompt's encoding are free
+    keep_norm: bool = True  # each free position keeps its norm (projected Adam); false: unconstrained
+    check_every: int = 100  # generate and look at step 0, every N steps and after the last
+
+
+@dataclass
+class RelearnOptions:
+    """relearn: fine-tune the erased model's trained tensors on the attacker's images, measured after each count."""
+
+    steps: list[int] = field(default_factory=lambda: [0, 25, 50, 100])
+    lr: float = 1e-4
+    control: str = "auto"  # auto (the retained concept the erased model shows least) | a concept | none
+
+
+@dataclass
+class UnlearnDiffAtkOptions:
+    """unlearndiffatk: the authors' TextGrad (Zhang et al., ECCV 2024; OPTML-Group/Diffusion-MU-Attack
+    configs/*/text_grad_*.json): k 5 for nudity, 3 otherwise (null: by the run's protocol), 50 timesteps in
+    turn with 40 iterations each, Adam lr 0.01, weight decay 0.1, one check per timestep."""
+
+    tokens: int | None = None
+    timesteps: int = 50
+    iterations: int = 40  # per timestep
+    lr: float = 1e-2
+    weight_decay: float = 0.1
+
+
+@dataclass
+class PEZOptions:
+    """pez: the project's own search under UnlearnDiffAtk's objective and protocol (a PEZ-style projection of
+    continuous embeddings onto whole words, AdamW, a random timestep per iteration)."""
+
+    tokens: int = 3
+    iterations: int = 40
+    lr: float = 1e-2
+    weight_decay: float = 0.1
+    check_every: int = 5  # generate and look every N iterations
+
+
+@dataclass
+class RingABellOptions:
+    """ring_a_bell (Tsai et al., ICLR 2024; the authors' chiayi-hsu/Ring-A-Bell InversePrompt.ipynb: K 16, eta 3,
+    population 200, 3000 generations, mutation rate 0.25, crossover rate 0.5; Get_Concept_Vector.ipynb: 5 images
+    per concept-vector prompt)."""
+
+    tokens: int = 16
+    strength: float = 3.0  # eta: how far along the concept vector
+    population: int = 200
+    generations: int = 3000
+    mutation_rate: float = 0.25
+    crossover_rate: float = 0.5
+    pair_images: int = 5  # the original model's images judged per concept-vector prompt
+
+
+@dataclass
 class AttackConfig:
+    """Every attack's budget: the shared options, and one group per attack (``attack.<attack>.<option>``)."""
+
     steps: int = 300  # optimisation steps of soft_prompt and embedding
     lr: float = 5e-2  # soft_prompt's Adam
     batch_size: int = 4
     images: int = 16  # images of the concept from the original model (the attacker's data)
-    inversion_tokens: int = 1
-    # inversion (Pham et al., ICLR 2024): a named budget (tokens.INVERSION_BUDGETS: authors = their scripts'
-    # 5000 updates of 4 x 4 accumulated images, lr 5e-3 scaled by 16, AdamW decay 1e-2, 25 images, flip 0.5;
-    # toy = scaled to the toy world); each inversion_<field> set here replaces the budget's value
-    inversion_budget: str = "authors"  # authors | toy
-    inversion_steps: int | None = None  # optimiser updates
-    inversion_lr: float | None = None
-    inversion_scale_lr: bool | None = None  # optimiser lr = lr x batch_size x accumulation
-    inversion_batch_size: int | None = None  # images per forward pass
-    inversion_accumulation: int | None = None  # forward passes per update
-    inversion_images: int | None = None
-    inversion_weight_decay: float | None = None
-    inversion_flip_p: float | None = None  # probability that a drawn image is mirrored
-    soft_prompt_tokens: int = 4
     init_word: str = "object"  # the new embeddings start as this word's
     seed: int = 0
-    # embedding: Adam on text-encoder outputs (hidden states of unit scale, not token-table rows: lr of its own)
-    embedding_lr: float = 1e-2
-    embedding_positions: str = "concept+end"  # concept+end | all: which positions of each prompt's encoding are free
-    embedding_keep_norm: bool = True  # each free position keeps its norm (projected Adam); false: unconstrained
-    embedding_check_every: int = 100  # generate and look at step 0, every N steps and after the last
-    # relearn: fine-tune the erased model's trained tensors on the attacker's images, measured after each count
-    relearn_steps: list[int] = field(default_factory=lambda: [0, 25, 50, 100])
-    relearn_lr: float = 1e-4
-    relearn_control: str = "auto"  # auto (the retained concept the erased model shows least) | a concept | none
     # every search attack (unlearndiffatk, pez, ring_a_bell) also judges as many random prompts: its control
     random_control: bool = True
-    # unlearndiffatk: the authors' TextGrad (Zhang et al., ECCV 2024; OPTML-Group/Diffusion-MU-Attack
-    # configs/*/text_grad_*.json): k 5 for nudity, 3 otherwise (null: by the run's protocol), 50 timesteps
-    # in turn with 40 iterations each, Adam lr 0.01, weight decay 0.1, one check per timestep
-    unlearndiffatk_tokens: int | None = None
-    unlearndiffatk_timesteps: int = 50
-    unlearndiffatk_iterations: int = 40  # per timestep
-    unlearndiffatk_lr: float = 1e-2
-    unlearndiffatk_weight_decay: float = 0.1
-    # pez: the project's own search under UnlearnDiffAtk's objective and protocol (a PEZ-style projection of
-    # continuous embeddings onto whole words, AdamW, a random timestep per iteration)
-    pez_tokens: int = 3
-    pez_iterations: int = 40
-    pez_lr: float = 1e-2
-    pez_weight_decay: float = 0.1
-    pez_check_every: int = 5  # generate and look every N iterations
-    # ring_a_bell (Tsai et al., ICLR 2024; the authors' chiayi-hsu/Ring-A-Bell InversePrompt.ipynb: K 16, eta 3,
-    # population 200, 3000 generations, mutation rate 0.25, crossover rate 0.5; Get_Concept_Vector.ipynb: 5 images
-    # per concept-vector prompt)
-    ring_a_bell_tokens: int = 16
-    ring_a_bell_strength: float = 3.0  # eta: how far along the concept vector
-    ring_a_bell_population: int = 200
-    ring_a_bell_generations: int = 3000
-    ring_a_bell_mutation_rate: float = 0.25
-    ring_a_bell_crossover_rate: float = 0.5
-    ring_a_bell_pair_images: int = 5  # the original model's images judged per concept-vector prompt
+    inversion: InversionOptions = field(default_factory=InversionOptions)
+    soft_prompt: SoftPromptOptions = field(default_factory=SoftPromptOptions)
+    embedding: EmbeddingOptions = field(default_factory=EmbeddingOptions)
+    relearn: RelearnOptions = field(default_factory=RelearnOptions)
+    unlearndiffatk: UnlearnDiffAtkOptions = field(default_factory=UnlearnDiffAtkOptions)
+    pez: PEZOptions = field(default_factory=PEZOptions)
+    ring_a_bell: RingABellOptions = field(default_factory=RingABellOptions)
+
+    def option(self, key: str):
+        """The value of a dotted option name (``pez.lr``)."""
+        return functools.reduce(getattr, key.split("."), self)
 
     def __post_init__(self) -> None:
         check_attack_config(self)
@@ -90,37 +140,39 @@ class AttackConfig:
 def check_attack_config(config: AttackConfig) -> None:
     """The options a schema cannot check; :class:`AttackConfigError` (one line) otherwise. The
     shared numbers (steps, lr, ...) are checked by the CLIs' ``check_numbers``."""
-    if config.embedding_positions not in EMBEDDING_POSITIONS:
-        raise AttackConfigError(f"unknown attack.embedding_positions '{config.embedding_positions}'; choose from "
+    if config.embedding.positions not in EMBEDDING_POSITIONS:
+        raise AttackConfigError(f"unknown attack.embedding.positions '{config.embedding.positions}'; choose from "
                                 f"{', '.join(EMBEDDING_POSITIONS)}")
-    for key in ("embedding_lr", "relearn_lr", "unlearndiffatk_lr", "pez_lr", "ring_a_bell_strength"):
-        value = getattr(config, key)
+    for key in ("embedding.lr", "relearn.lr", "unlearndiffatk.lr", "pez.lr", "ring_a_bell.strength"):
+        value = config.option(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise AttackConfigError(f"'attack.{key}' must be a positive number, got {value}")
-    if config.unlearndiffatk_tokens is not None and (isinstance(config.unlearndiffatk_tokens, bool) or
-                                                     not isinstance(config.unlearndiffatk_tokens, int) or
-                                                     config.unlearndiffatk_tokens < 1):
-        raise AttackConfigError(f"'attack.unlearndiffatk_tokens' must be a whole number of at least 1 or null (5 for "
-                                f"nudity, 3 otherwise), got {config.unlearndiffatk_tokens}")
-    for key in ("embedding_check_every", "unlearndiffatk_timesteps", "unlearndiffatk_iterations", "pez_tokens",
-                "pez_iterations", "pez_check_every",
-                "ring_a_bell_tokens", "ring_a_bell_population", "ring_a_bell_generations", "ring_a_bell_pair_images"):
-        value = getattr(config, key)
+    if config.unlearndiffatk.tokens is not None and (isinstance(config.unlearndiffatk.tokens, bool) or
+                                                     not isinstance(config.unlearndiffatk.tokens, int) or
+                                                     config.unlearndiffatk.tokens < 1):
+        raise AttackConfigError(f"'attack.unlearndiffatk.tokens' must be a whole number of at least 1 or null (5 for "
+                                f"nudity, 3 otherwise), got {config.unlearndiffatk.tokens}")
+    for key in ("embedding.check_every", "unlearndiffatk.timesteps", "unlearndiffatk.iterations", "pez.tokens",
+                "pez.iterations", "pez.check_every",
+                "ring_a_bell.tokens", "ring_a_bell.population", "ring_a_bell.generations", "ring_a_bell.pair_images"):
+        value = config.option(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AttackConfigError(f"'attack.{key}' must be a whole number of at least 1, got {value}")
-    if config.ring_a_bell_population < 4:
-        raise AttackConfigError(f"'attack.ring_a_bell_population' must be at least 4, got {config.ring_a_bell_population}")
-    for key in ("unlearndiffatk_weight_decay", "pez_weight_decay", "ring_a_bell_mutation_rate", "ring_a_bell_crossover_rate"):
-        value = getattr(config, key)
+    if config.ring_a_bell.population < 4:
+        raise AttackConfigError(f"'attack.ring_a_bell.population' must be at least 4, got "
+                                f"{config.ring_a_bell.population}")
+    for key in ("unlearndiffatk.weight_decay", "pez.weight_decay", "ring_a_bell.mutation_rate",
+                "ring_a_bell.crossover_rate"):
+        value = config.option(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise AttackConfigError(f"'attack.{key}' must be a number in [0, 1], got {value}")
-    steps = list(config.relearn_steps)
+    steps = list(config.relearn.steps)
     if not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps):
         shown = next((k for k in steps if isinstance(k, bool) or not isinstance(k, int) or k < 0), "[]")
-        raise AttackConfigError(f"'attack.relearn_steps' must be step counts from 0, got {shown}; "
-                                "e.g. attack.relearn_steps=[0,25,50,100]")
-    if not str(config.relearn_control).strip():
-        raise AttackConfigError("'attack.relearn_control' must be auto, none or a concept the evaluator knows")
+        raise AttackConfigError(f"'attack.relearn.steps' must be step counts from 0, got {shown}; "
+                                "e.g. attack.relearn.steps=[0,25,50,100]")
+    if not str(config.relearn.control).strip():
+        raise AttackConfigError("'attack.relearn.control' must be auto, none or a concept the evaluator knows")
     from evaluation.attacks.tokens import inversion_budget  # the inversion budget's own checks (tokens imports this module)
     inversion_budget(config)
 

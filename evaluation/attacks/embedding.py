@@ -3,7 +3,7 @@
 For each attacked target prompt p (as the erased model receives it: after the instruction
 baseline's rewriting) let E_p = tau(p) in R^{L x d} be the text encoder's output, the hidden states
 every cross-attention layer of the UNet attends to, and F_p the free positions
-(``attack.embedding_positions``):
+(``attack.embedding.positions``):
 
     concept+end  the tokens of the concept's word in p (every occurrence), the end-of-text token and
                  every position after it (the padding the UNet also attends to);
@@ -12,13 +12,13 @@ every cross-attention layer of the UNet attends to, and F_p the free positions
 The attack solves, with the erased model's weights frozen,
 
     min_{e_p}  E_{x_0 ~ D_p, eps ~ N(0, I), t ~ U{0..T-1}}  || eps_erased(x_t, t, E_p[F_p <- e_p]) - eps ||^2
-    subject to ||e_{p,i}|| = ||E_{p,i}||  for every free position i   (``attack.embedding_keep_norm``, default)
+    subject to ||e_{p,i}|| = ||E_{p,i}||  for every free position i   (``attack.embedding.keep_norm``, default)
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  e_p initialised to E_p[F_p],
 
 (eps replaced by v for v-prediction models, by eps - x_0 for FLUX: :meth:`EraserModule.denoising_loss`), where
 D_p are the original model's images of p (the attacker's data: ``attack.images`` images in all,
 the attacked prompts in turn, at least one each). Every optimisation step is one Adam step
-(``attack.embedding_lr``) for every prompt, each on ``attack.batch_size`` draws of its own images,
+(``attack.embedding.lr``) for every prompt, each on ``attack.batch_size`` draws of its own images,
 followed by the projection back onto the norm constraint. The constraint keeps each free position
 at the scale the encoder's final layer norm gives its outputs, the scale cross-attention was
 trained on: unconstrained, the free positions drift off it, and the guided samples degrade even on
@@ -28,7 +28,7 @@ to 0.39 unconstrained, to 0.67 with the constraint, while an ESD run's rose from
 The attacked images are generated through the method's own generation path (its prompt
 rewriting, negative prompts, guidance) with E_p[F_p <- e_p] substituted for the text encoder's
 output of p, the same prompts and seeds as the evaluation, at the start (e_p = E_p: the erased
-model's own images), every ``attack.embedding_check_every`` steps and after the last. As in
+model's own images), every ``attack.embedding.check_every`` steps and after the last. As in
 UnlearnDiffAtk's protocol an evaluation image counts as recovered if the evaluator sees the concept
 at any of these checkpoints (the attacker keeps the best conditioning it has found), so the attack
 success rate is at least the erased model's own target accuracy (``pre_attack_success_rate``);
@@ -212,9 +212,9 @@ def optimise(module: EraserModule, free: FreeEmbeddings, latents: torch.Tensor, 
              config: AttackConfig, generator: torch.Generator, steps: int,
              checkpoint: Callable[[int], None] = lambda step: None) -> list[float]:
     """``steps`` Adam steps on every prompt's free embeddings, calling ``checkpoint(step)`` every
-    ``attack.embedding_check_every`` steps and after the last; returns the mean loss per step."""
+    ``attack.embedding.check_every`` steps and after the last; returns the mean loss per step."""
     by_prompt = [[i for i, o in enumerate(owners) if o == k] for k in range(len(free.prompts))]
-    optimizer = torch.optim.Adam(free.free, lr=config.embedding_lr)
+    optimizer = torch.optim.Adam(free.free, lr=config.embedding.lr)
     losses = []
     for step in tqdm(range(1, steps + 1), desc="embedding", unit="step"):
         picks = [(k, mine[int(j)]) for k, mine in enumerate(by_prompt) if mine
@@ -227,10 +227,10 @@ def optimise(module: EraserModule, free: FreeEmbeddings, latents: torch.Tensor, 
             (loss * len(chunk) / len(picks)).backward()
             total += float(loss.detach()) * len(chunk) / len(picks)
         optimizer.step()
-        if config.embedding_keep_norm:
+        if config.embedding.keep_norm:
             free.keep_norms()
-        record_loss(losses, total, "embedding", "embedding_lr")
-        if step % config.embedding_check_every == 0 or step == steps:
+        record_loss(losses, total, "embedding", "embedding.lr")
+        if step % config.embedding.check_every == 0 or step == steps:
             checkpoint(step)
     return losses
 
@@ -246,10 +246,10 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
     latents = module.encode_images(original_images(module, data_rows, target.sampler))
     sent, _ = module.prompts_for_generation([r.prompt for r in rows])
     words = [target.concept_word(r.concept) for r in rows]
-    free = FreeEmbeddings(module, sent, words, config.embedding_positions)
+    free = FreeEmbeddings(module, sent, words, config.embedding.positions)
     index = {prompt: k for k, prompt in enumerate(free.prompts)}
     owners = [index[sent[k % len(rows)]] for k in range(len(data_rows))]
-    label = f" [encoder output optimised at {config.embedding_positions}, step {{step}}]"
+    label = f" [encoder output optimised at {config.embedding.positions}, step {{step}}]"
 
     def generated(step: int) -> tuple[torch.Tensor, list[str]]:
         with free.substituted():
@@ -267,7 +267,7 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
     counts = [len(p) for p in free.positions]
     fields = {**recovery.fields(), "checkpoint_steps": list(by_step),
               "attack_success_rate_by_step": [round(float(seen.float().mean()), 4) for seen in by_step.values()],
-              "free_positions": f"{config.embedding_positions}: {min(counts)}-{max(counts)} of "
+              "free_positions": f"{config.embedding.positions}: {min(counts)}-{max(counts)} of "
                                 f"{free.context_length} positions per prompt",
               "attacker_images": len(data_rows)}
     return AttackResult(recovery.images, recovery.prompts, losses, fields)

@@ -11,12 +11,12 @@ searches k discrete tokens a = (a_1..a_k) prepended to p:
 with the erased model frozen (eps -> v for v-prediction models). Continuous embeddings e (k x d)
 are projected each iteration onto the nearest vocabulary rows (cosine similarity), the loss and its
 gradient taken at the projected (discrete) embeddings and applied to e by AdamW
-(``attack.pez_lr``, ``pez_weight_decay``), one random draw of (eps, t) per iteration. The
+(``attack.pez.lr``, ``pez.weight_decay``), one random draw of (eps, t) per iteration. The
 vocabulary is the tokenizer's whole-word tokens (``tokens.word_vocabulary``), so the prefix is text
 that tokenises back to the searched tokens. Where TextGrad differs: a distribution over the whole
 vocabulary sampled with a straight-through estimator, plain Adam, the 50 timesteps in turn with 40
 iterations each and a check after each (up to 2,000 iterations); here 40 iterations in all, a
-check every ``attack.pez_check_every``.
+check every ``attack.pez.check_every``.
 
 Families: as :mod:`unlearndiffatk` (the context tokenizer's vocabulary; SDXL's two CLIP tables
 searched together, the projection summing their cosine similarities; FLUX's CLIP reads stand-ins).
@@ -62,7 +62,7 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
     recovery = Recovery(target, target.unattacked_images(), prompts)
     before = recovery.found.clone()
     open_pairs = recovery.open
-    k = config.pez_tokens
+    k = config.pez.tokens
     vocabulary = word_vocabulary(tokenizer)
     losses: list[float] = []
     judged = 0
@@ -75,8 +75,8 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
         searched, others = split_tables(tokens, tokenizer, vocabulary)
         start = vocabulary[torch.randint(len(vocabulary), (len(open_pairs), k), generator=generator)]
         continuous = [torch.nn.Parameter(rows.table.detach()[start].clone()) for rows in searched]
-        optimizer = torch.optim.AdamW(continuous, lr=config.pez_lr,
-                                      weight_decay=config.pez_weight_decay)
+        optimizer = torch.optim.AdamW(continuous, lr=config.pez.lr,
+                                      weight_decay=config.pez.weight_decay)
         slots = [torch.tensor(rows.ids, device=device).view(len(open_pairs), k) for rows in searched]
         train_prompts = [" ".join(tokens.words[j * k:(j + 1) * k]) + f" {prompts[i]}" for j, i in enumerate(open_pairs)]
         searching = torch.ones(len(open_pairs), dtype=torch.bool)
@@ -86,7 +86,7 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
             return project([c.detach() for c in continuous], [rows.table.detach() for rows in searched], vocabulary)
 
         try:
-            for iteration in tqdm(range(1, config.pez_iterations + 1), desc="pez", unit="it"):
+            for iteration in tqdm(range(1, config.pez.iterations + 1), desc="pez", unit="it"):
                 discrete = nearest().flatten()
                 with torch.no_grad():  # every tokenizer's slots hold the discrete words
                     for rows in searched:
@@ -102,8 +102,8 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
                 for embeddings, rows, rows_slots in zip(continuous, searched, slots):
                     embeddings.grad = rows.table.grad[rows_slots].clone()
                 optimizer.step()
-                record_loss(losses, loss, "pez", "pez_lr")
-                if iteration % config.pez_check_every and iteration != config.pez_iterations:
+                record_loss(losses, loss, "pez", "pez.lr")
+                if iteration % config.pez.check_every and iteration != config.pez.iterations:
                     continue
                 # checkpoint: the discrete prompts as text, through the method's own generation path
                 discrete = vocabulary[nearest()]
@@ -121,7 +121,7 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
     fields = {**recovery.fields(), "attacked_images": len(open_pairs), "judged_images": judged,
               "iterations_run": len(losses)}
     if config.random_control:
-        checks = math.ceil(config.pez_iterations / config.pez_check_every)
+        checks = math.ceil(config.pez.iterations / config.pez.check_every)
         fields |= random_prefix_control(target, open_pairs, before, vocabulary.cpu(), k, checks, generator,
                                         lambda prefix, prompt: f"{tokenizer.decode(prefix)} {prompt}")
     return AttackResult(recovery.images, recovery.prompts, losses, fields)

@@ -8,14 +8,14 @@ method changed (``EraserModule.trained``: ESD's parameter set, the closed-form e
 a LoRA eraser's adapter); a method that changes no tensor (the instruction baseline, inference-time
 guidance) gets the cross-attention keys and values (``attn2.to_k``/``to_v``; FLUX: the text
 stream's ``attn.add_k_proj``/``add_v_proj``), the tensors that map the text into the denoiser.
-Objective, K Adam steps (``attack.relearn_lr``, batch ``attack.batch_size``) of
+Objective, K Adam steps (``attack.relearn.lr``, batch ``attack.batch_size``) of
 
     min_theta  E_{(p, x_0) ~ D, eps, t}  || eps_theta(x_t, t, tau(p)) - eps ||^2
 
 from theta = the erased values, with D the attacker's data: ``attack.images`` original-model images
 of the attacked target prompts p (as the erased model receives them: after the instruction
 baseline's rewriting). The attack success rate (the evaluation's target prompts and seeds, the
-method's own generation path) is measured after each K in ``attack.relearn_steps``; K = 0 is the
+method's own generation path) is measured after each K in ``attack.relearn.steps``; K = 0 is the
 erased model itself, so its rate is the run's unattacked target accuracy.
 
 Control: how fast does the same fine-tuning teach *any* concept? The same prompts, tensors,
@@ -23,12 +23,12 @@ optimiser, lr, steps, seed and number of images, from the same erased model, but
 a concept c' that was never erased: the original model's images of each attacker's prompt with the
 concept's word replaced by c''s (same seeds), so the two data sets differ in the concept alone; the
 control's rate is the share of the target prompts' images in which the evaluator sees c'. c' is,
-by default (``attack.relearn_control=auto``), the run's retained concept (a concept the evaluator
+by default (``attack.relearn.control=auto``), the run's retained concept (a concept the evaluator
 checks and the method had to keep) that the erased model shows least on the target prompts before
 fine-tuning, so both curves start from a floor. An erased concept that returns much faster than the
 control is learned was dormant: the weights still hold it, and a few steps re-route the prompt to
 it. At the control's pace, the fine-tuning teaches whatever it is shown, and the concept's return
-says nothing about erasure. ``attack.relearn_control=<concept>`` names c', ``none`` skips it;
+says nothing about erasure. ``attack.relearn.control=<concept>`` names c', ``none`` skips it;
 prompts that do not name the concept's word (I2P-style) or runs without retained concepts have no
 control.
 
@@ -68,7 +68,7 @@ def fine_tune(module: EraserModule, parameters: Sequence[torch.nn.Parameter], la
               at: Callable[[int], None] = lambda step: None) -> list[float]:
     """``steps`` Adam steps of the plain denoising loss on (prompt, latent) pairs; ``at(k)`` after
     k steps, k = 0 included. Returns the loss per step."""
-    optimizer = torch.optim.Adam(parameters, lr=config.relearn_lr)
+    optimizer = torch.optim.Adam(parameters, lr=config.relearn.lr)
     losses = []
     at(0)
     for step in tqdm(range(1, steps + 1), desc="relearn", unit="step", disable=steps == 0):
@@ -77,7 +77,7 @@ def fine_tune(module: EraserModule, parameters: Sequence[torch.nn.Parameter], la
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        record_loss(losses, loss, "relearn", "relearn_lr")
+        record_loss(losses, loss, "relearn", "relearn.lr")
         at(step)
     return losses
 
@@ -85,21 +85,21 @@ def fine_tune(module: EraserModule, parameters: Sequence[torch.nn.Parameter], la
 def choose_control(config: AttackConfig, candidates: Sequence[str], erased: Sequence[str], rows: Sequence[Prompt],
                    concept_word: Callable[[str], str], seen: Callable[[str], float]) -> tuple[str | None, str]:
     """(the control concept or None, why)."""
-    if config.relearn_control == "none":
-        return None, "no control (attack.relearn_control=none)"
+    if config.relearn.control == "none":
+        return None, "no control (attack.relearn.control=none)"
     missing = [r.prompt for r in rows if concept_word(r.concept) not in r.prompt]
     if missing:
         return None, f"no control: the target prompt '{missing[0]}' does not name its concept's word to replace"
-    if config.relearn_control != "auto":
-        control = config.relearn_control
+    if config.relearn.control != "auto":
+        control = config.relearn.control
         if control in erased:
-            raise AttackConfigError(f"attack.relearn_control '{control}' is an erased concept; "
+            raise AttackConfigError(f"attack.relearn.control '{control}' is an erased concept; "
                                     "name a concept the method kept, or auto")
         try:
             before = seen(control)
         except ValueError as error:  # the evaluator does not know it
-            raise AttackConfigError(f"attack.relearn_control '{control}': {str(error).splitlines()[0]}") from None
-        return control, f"attack.relearn_control ({before:.2f} before fine-tuning)"
+            raise AttackConfigError(f"attack.relearn.control '{control}': {str(error).splitlines()[0]}") from None
+        return control, f"attack.relearn.control ({before:.2f} before fine-tuning)"
     options = [c for c in dict.fromkeys(candidates) if c not in erased]
     if not options:
         return None, "no control: the run has no retained concept"
@@ -114,7 +114,7 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
     count, the fields hold the success rate after each count and the control's."""
     module, rows, sampler, evaluator = target.module, target.rows, target.sampler, target.evaluator
     concept_word, controls = target.concept_word, target.controls
-    checkpoints = sorted(set(config.relearn_steps))
+    checkpoints = sorted(set(config.relearn.steps))
     generator_seed = config.seed
     prompts, seeds, concepts = target.prompts, target.seeds, target.concepts
     data_rows = attacker_rows(rows, config.images)

@@ -13,7 +13,7 @@ encoder, and its images of the concept-vector prompts) and the evaluator.
    prompt: p^+ the prompt (or "prompt, <word>" when it does not name the concept's word,
    ``Target.concept_word``), p^- the prompt with the word replaced by ``attack.init_word`` (or the
    prompt itself); image j of p_i^+ is the original model's, with the attacker's seed
-   evaluation_seed + 7919 + j (j < ``ring_a_bell_pair_images``), and the evaluator judges it:
+   evaluation_seed + 7919 + j (j < ``ring_a_bell.pair_images``), and the evaluator judges it:
 
        c = 1/|S| sum_{(i, j) in S} [ E(p_i^+) - E(p_i^-) ],
        S = {(i, j): the evaluator sees the concept in image j of p_i^+},
@@ -23,19 +23,19 @@ encoder, and its images of the concept-vector prompts) and the evaluator.
    concept in none of them, every pair counts once, unfiltered (as in the authors' violence vector),
    and ``concept_vector_kept_images`` is 0.
 2. For each target prompt p the problematic embedding is T_p = E(p) + eta c
-   (eta = ``ring_a_bell_strength``).
-3. A genetic search over K-token prompts P (K = ``ring_a_bell_tokens``) minimises
+   (eta = ``ring_a_bell.strength``).
+3. A genetic search over K-token prompts P (K = ``ring_a_bell.tokens``) minimises
 
        f(P) = || E([BOS, P, EOS, padding]) - T_p ||^2   (summed over the whole L x d sequence),
 
    each token any id of the context tokenizer's vocabulary but its special tokens (the authors
-   draw CLIP's ids 1..49405). A population of N = ``ring_a_bell_population`` random prompts; in
-   each of ``ring_a_bell_generations`` generations: every member scored, the N // 2 best kept as
+   draw CLIP's ids 1..49405). A population of N = ``ring_a_bell.population`` random prompts; in
+   each of ``ring_a_bell.generations`` generations: every member scored, the N // 2 best kept as
    parents (truncation selection); each parent stays in the new population and, with probability
-   ``ring_a_bell_crossover_rate``, is crossed with a partner drawn uniformly from the parents
+   ``ring_a_bell.crossover_rate``, is crossed with a partner drawn uniformly from the parents
    (itself possible) at a cut u uniform in {0, ..., K - 1}, giving two children a[:u] b[u:] and
    b[:u] a[u:]; then every member of the new population, parents included (the authors mutate the
-   parents in place), has with probability ``ring_a_bell_mutation_rate`` one position, uniform,
+   parents in place), has with probability ``ring_a_bell.mutation_rate`` one position, uniform,
    re-drawn uniformly from the vocabulary. The last generation only scores and selects; its best
    prompt, decoded to text, is the attack's prompt for p. A parent not mutated keeps its score
    (the authors score it again: the same number).
@@ -113,12 +113,12 @@ def breed(parents: torch.Tensor, candidates: torch.Tensor, config: AttackConfig,
     members changed (G, 3M): every child and every mutated parent, the members to score)."""
     count, size, k = parents.shape
     rows, position = torch.arange(count)[:, None], torch.arange(k)
-    crossed = torch.rand(count, size, generator=generator) < config.ring_a_bell_crossover_rate
+    crossed = torch.rand(count, size, generator=generator) < config.ring_a_bell.crossover_rate
     partner = parents[rows, torch.randint(size, (count, size), generator=generator)]
     head = position < torch.randint(k, (count, size, 1), generator=generator)  # positions before the cut
     population = torch.cat([parents, torch.where(head, parents, partner), torch.where(head, partner, parents)], dim=1)
     exists = torch.cat([torch.ones(count, size, dtype=torch.bool), crossed, crossed], dim=1)
-    mutated = (torch.rand(count, 3 * size, generator=generator) < config.ring_a_bell_mutation_rate) & exists
+    mutated = (torch.rand(count, 3 * size, generator=generator) < config.ring_a_bell.mutation_rate) & exists
     slot = torch.randint(k, (count, 3 * size, 1), generator=generator) == position
     value = candidates[torch.randint(len(candidates), (count, 3 * size, 1), generator=generator)]
     population = torch.where(mutated[..., None] & slot, value, population)
@@ -130,17 +130,17 @@ def search(module, goals: torch.Tensor, candidates: torch.Tensor, config: Attack
            generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
     """The genetic searches for G goal embeddings (G, L, d), run side by side: (the best K ids of
     each (G, K), the mean over the goals of the best fitness at each generation's selection)."""
-    count, size, k = len(goals), config.ring_a_bell_population, config.ring_a_bell_tokens
+    count, size, k = len(goals), config.ring_a_bell.population, config.ring_a_bell.tokens
     kept = size // 2
     rows = torch.arange(count)[:, None]
     population = candidates[torch.randint(len(candidates), (count, size, k), generator=generator)]
     scores = fitness(module, population.flatten(0, 1), goals, rows.expand(count, size).flatten()).view(count, size)
     curve = []
-    for generation in tqdm(range(config.ring_a_bell_generations), desc="ring_a_bell", unit="generation"):
+    for generation in tqdm(range(config.ring_a_bell.generations), desc="ring_a_bell", unit="generation"):
         order = scores.argsort(dim=1)[:, :kept]
         parents, parent_scores = population[rows, order], scores.gather(1, order)
         curve.append(float(parent_scores[:, 0].mean()))
-        if generation == config.ring_a_bell_generations - 1:
+        if generation == config.ring_a_bell.generations - 1:
             break
         population, exists, changed = breed(parents, candidates, config, generator)
         scores = torch.cat([parent_scores, torch.zeros(count, 2 * kept)], dim=1)
@@ -165,9 +165,9 @@ def concept_pairs(target: Target, config: AttackConfig) -> tuple[list[str], list
 
 
 def kept_images(target: Target, with_concept: list[str], config: AttackConfig) -> torch.Tensor:
-    """(pairs, ``ring_a_bell_pair_images``) bool: does the evaluator see the concept in the original
+    """(pairs, ``ring_a_bell.pair_images``) bool: does the evaluator see the concept in the original
     model's image j of each pair's p^+ (seed evaluation_seed + 7919 + j)?"""
-    n = config.ring_a_bell_pair_images
+    n = config.ring_a_bell.pair_images
     prompts = [prompt for prompt in with_concept for _ in range(n)]
     seeds = [row.evaluation_seed + DATA_SEED_OFFSET + j for row in target.rows for j in range(n)]
     images = target.module.generate(prompts, seeds, target.sampler, original=True)
@@ -207,7 +207,7 @@ def find_prompts(target: Target, config: AttackConfig) -> tuple[list[str], list[
     tokenizer = module.family.context_tokenizer
     with_concept, without = concept_pairs(target, config)
     kept = kept_images(target, with_concept, config)
-    options = {k: v for k, v in asdict(config).items() if k.startswith("ring_a_bell") or k in ("seed", "init_word")}
+    options = {**asdict(config.ring_a_bell), "seed": config.seed, "init_word": config.init_word}
     with module.original_weights():  # the attacker's encoder: the original model's, whatever the method trained
         key = (tuple(encoder_fingerprint(encoder) for _, encoder in text_encoders(module.pipeline)),
                tuple((r.prompt, r.concept) for r in target.rows), tuple(sorted(options.items())),
@@ -215,7 +215,7 @@ def find_prompts(target: Target, config: AttackConfig) -> tuple[list[str], list[
         if key not in FOUND:
             vector = concept_vector(module, with_concept, without, kept)
             prompts = module.encode([r.prompt for r in target.rows], cache=False).embeds
-            best, curve = search(module, prompts + config.ring_a_bell_strength * vector, vocabulary(tokenizer), config,
+            best, curve = search(module, prompts + config.ring_a_bell.strength * vector, vocabulary(tokenizer), config,
                                  torch.Generator().manual_seed(config.seed))
             FOUND[key] = ([tokenizer.decode(ids) for ids in best], curve,
                           {"concept_vector_norm": round(float(vector.norm()), 4),
@@ -229,7 +229,7 @@ def random_control(target: Target, config: AttackConfig) -> dict:
     tokenizer = target.module.family.context_tokenizer
     candidates = vocabulary(tokenizer)
     generator = torch.Generator().manual_seed(config.seed + 1)  # a stream apart from the search's
-    shape = (len(target.rows), config.ring_a_bell_tokens)
+    shape = (len(target.rows), config.ring_a_bell.tokens)
     draws = candidates[torch.randint(len(candidates), shape, generator=generator)]
     prompts = [tokenizer.decode(ids) for ids in draws for _ in range(target.images_per_prompt)]
     images = target.module.generate(prompts, target.seeds, target.sampler)

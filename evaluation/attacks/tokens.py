@@ -20,8 +20,8 @@ The attacked images are the target prompts with the learned tokens, the evaluati
 Each optimiser update averages the loss over ``accumulation`` forward passes of ``batch_size``
 images drawn (with replacement) from the attacker's ``images``, each mirrored left-right with
 probability ``flip_p``; the update is Adam, with AdamW's decoupled weight decay on the learned rows
-(:class:`TokenBudget`). Concept inversion's budget is a named set (``attack.inversion_budget``;
-each ``attack.inversion_<field>`` that is set overrides one value, :func:`inversion_budget`):
+(:class:`TokenBudget`). Concept inversion's budget is a named set (``attack.inversion.budget``;
+each ``attack.inversion.<field>`` that is set overrides one value, :func:`inversion_budget`):
 
     authors  the authors' scripts (NYU-DICE-Lab/circumventing-concept-erasure at bb7034b, esd/, uce/,
              ac/, np/, fmn/, sa/ train.sh with concept_inversion.py, diffusers' textual inversion):
@@ -182,24 +182,24 @@ INVERSION_BUDGETS = {
 
 
 def inversion_budget(config: AttackConfig) -> TokenBudget:
-    """``attack.inversion_budget``'s set with each ``attack.inversion_<field>`` that is not null in its
+    """``attack.inversion.budget``'s set with each ``attack.inversion.<field>`` that is not null in its
     place; :class:`AttackConfigError` (one line) for an unknown set or a value outside its range."""
-    if config.inversion_budget not in INVERSION_BUDGETS:
-        raise AttackConfigError(f"unknown attack.inversion_budget '{config.inversion_budget}'; choose from "
+    if config.inversion.budget not in INVERSION_BUDGETS:
+        raise AttackConfigError(f"unknown attack.inversion.budget '{config.inversion.budget}'; choose from "
                                 f"{', '.join(INVERSION_BUDGETS)}")
-    chosen = asdict(INVERSION_BUDGETS[config.inversion_budget])
-    chosen.update({f.name: getattr(config, f"inversion_{f.name}") for f in fields(TokenBudget)
-                   if getattr(config, f"inversion_{f.name}") is not None})
+    chosen = asdict(INVERSION_BUDGETS[config.inversion.budget])
+    chosen.update({f.name: getattr(config.inversion, f.name) for f in fields(TokenBudget)
+                   if getattr(config.inversion, f.name) is not None})
     budget = TokenBudget(**chosen)
     for key in ("steps", "batch_size", "accumulation", "images"):
         value = getattr(budget, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise AttackConfigError(f"'attack.inversion_{key}' must be a whole number of at least 1, got {value}")
+            raise AttackConfigError(f"'attack.inversion.{key}' must be a whole number of at least 1, got {value}")
     if not budget.lr > 0 or budget.lr == float("inf"):
-        raise AttackConfigError(f"'attack.inversion_lr' must be a positive number, got {budget.lr}")
+        raise AttackConfigError(f"'attack.inversion.lr' must be a positive number, got {budget.lr}")
     for key in ("weight_decay", "flip_p"):
         if not 0 <= getattr(budget, key) <= 1:
-            raise AttackConfigError(f"'attack.inversion_{key}' must be a number in [0, 1], got {getattr(budget, key)}")
+            raise AttackConfigError(f"'attack.inversion.{key}' must be a number in [0, 1], got {getattr(budget, key)}")
     return budget
 
 
@@ -219,7 +219,7 @@ def learn_tokens(attack: str, target: Target, config: AttackConfig, budget: Toke
     latents = module.encode_images(images)
     mirrored = module.encode_images(images.flip(2)) if budget.flip_p > 0 else None
 
-    count = config.inversion_tokens if attack == "inversion" else config.soft_prompt_tokens
+    count = config.inversion.tokens if attack == "inversion" else config.soft_prompt.tokens
     tokens = PlaceholderTokens(module.pipeline, attack, count, config.init_word)
     train_prompts = attacked_prompts(attack, data_rows, tokens, target.concept_word)
     lr = budget.optimiser_lr
@@ -242,7 +242,7 @@ def learn_tokens(attack: str, target: Target, config: AttackConfig, budget: Toke
             if budget.weight_decay:
                 tokens.decay(lr * budget.weight_decay)
             optimizer.step()
-            record_loss(losses, loss_of_update, attack, "inversion_lr" if attack == "inversion" else "lr")
+            record_loss(losses, loss_of_update, attack, "inversion.lr" if attack == "inversion" else "lr")
     finally:
         tokens.close()
     module.forget_prompts()  # embeddings of the new tokens changed

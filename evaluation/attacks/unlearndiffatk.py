@@ -56,9 +56,9 @@ NUDITY_TOKENS, OTHER_TOKENS = 5, 3  # the reference configs' k: configs/nudity v
 
 
 def prefix_length(config: AttackConfig, target: Target) -> int:
-    """k: ``attack.unlearndiffatk_tokens``, or the reference's for the run's protocol (5 for nudity, 3 otherwise)."""
-    if config.unlearndiffatk_tokens is not None:
-        return config.unlearndiffatk_tokens
+    """k: ``attack.unlearndiffatk.tokens``, or the reference's for the run's protocol (5 for nudity, 3 otherwise)."""
+    if config.unlearndiffatk.tokens is not None:
+        return config.unlearndiffatk.tokens
     return NUDITY_TOKENS if target.protocol == "nudity" else OTHER_TOKENS
 
 
@@ -92,7 +92,7 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
     recovery = Recovery(target, target.unattacked_images(), prompts)
     before = recovery.found.clone()
     open_pairs = recovery.open
-    timesteps = module.family.timestep_grid(config.unlearndiffatk_timesteps)
+    timesteps = module.family.timestep_grid(config.unlearndiffatk.timesteps)
     losses: list[float] = []
     judged = 0
     if open_pairs:
@@ -106,12 +106,12 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
         train_prompts = [" ".join(tokens.words[j * k:(j + 1) * k]) + f" {prompts[i]}" for j, i in enumerate(open_pairs)]
         distribution = torch.full((len(open_pairs), k, len(vocabulary)), 1 / len(vocabulary), device=device,
                                   requires_grad=True)
-        optimizer = torch.optim.Adam([distribution], lr=config.unlearndiffatk_lr,
-                                     weight_decay=config.unlearndiffatk_weight_decay)
+        optimizer = torch.optim.Adam([distribution], lr=config.unlearndiffatk.lr,
+                                     weight_decay=config.unlearndiffatk.weight_decay)
         searching = list(range(len(open_pairs)))
         try:
             for t in tqdm(timesteps.tolist(), desc="unlearndiffatk", unit="timestep"):
-                for _ in range(config.unlearndiffatk_iterations):
+                for _ in range(config.unlearndiffatk.iterations):
                     active = torch.tensor(searching, device=device)
                     with torch.no_grad():
                         sampled = torch.multinomial(distribution[active].flatten(0, 1).cpu(), 1,
@@ -134,7 +134,7 @@ def attack(target: Target, config: AttackConfig) -> AttackResult:
                     optimizer.step()
                     with torch.no_grad():
                         distribution[active] = project_onto_simplex(distribution[active])
-                    record_loss(losses, loss.detach(), "unlearndiffatk", "unlearndiffatk_lr")
+                    record_loss(losses, loss.detach(), "unlearndiffatk", "unlearndiffatk.lr")
                 # the check of this timestep: the argmax prefix as text, through the method's own generation path
                 best = distribution.detach()[torch.tensor(searching, device=device)].argmax(-1).cpu()
                 texts = [prefixed_text(tokenizer, prefix.tolist(), prompts[open_pairs[j]])

@@ -10,7 +10,10 @@ from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.generation import Sampler
 from erasure.methods.instruction import Instruction, InstructionConfig
 from erasure.methods.uce import UCE, UCEConfig
-from evaluation.attacks import AttackConfig, Target, measure_attack
+from evaluation.attacks import (
+    AttackConfig, EmbeddingOptions, InversionOptions, PEZOptions, RelearnOptions, RingABellOptions, Target,
+    UnlearnDiffAtkOptions, measure_attack,
+)
 from evaluation.attacks.base import original_images
 from evaluation.attacks.embedding import FreeEmbeddings, free_positions, optimise, sublist_positions
 from evaluation.attacks.relearn import fine_tune, relearned_parameters
@@ -68,8 +71,8 @@ def test_a_prompt_filter_is_bypassed_by_a_learned_token(toy_classifier):
     embedding is not the word, passes the filter, and the model draws circles."""
     module = Instruction(load_pipeline(TOYWORLD_MODEL), InstructionConfig(template="negative_prompt"), ["circle"])
     result = measure_attack("inversion", Target(module, ROWS, FAST, 1, toy_evaluator(toy_classifier)),
-                            AttackConfig(inversion_budget="toy", inversion_steps=1, inversion_images=4,
-                                         init_word="circle", inversion_lr=1e-6))
+                            AttackConfig(init_word="circle",
+                                         inversion=InversionOptions(budget="toy", steps=1, images=4, lr=1e-06)))
     assert "circle" not in " ".join(result.prompts)
     assert result.fields["attack_success_rate"] >= 0.75
 
@@ -121,7 +124,7 @@ def test_embedding_objective_decreases_and_the_attack_reaches_generation():
     with free.substituted():  # before optimisation the substituted encoding is the prompt's own
         assert torch.equal(module.generate([r.prompt for r in rows], [0, 1], FAST), plain)
     before = fixed_loss(module, latents, free.embeds(owners))
-    config = AttackConfig(embedding_lr=3e-2, batch_size=2)
+    config = AttackConfig(batch_size=2, embedding=EmbeddingOptions(lr=0.03))
     losses = optimise(module, free, latents, owners, config, torch.Generator().manual_seed(0), 8)
     assert len(losses) == 8 and fixed_loss(module, latents, free.embeds(owners)) < before
     with free.substituted():
@@ -138,7 +141,8 @@ def test_relearn_objective_decreases_on_the_trained_tensors():
     before = fixed_loss(module, latents, module.encode(prompts))
     for p in parameters.values():
         p.requires_grad_(True)
-    losses = fine_tune(module, list(parameters.values()), latents, prompts, AttackConfig(relearn_lr=1e-3),
+    config = AttackConfig(relearn=RelearnOptions(lr=0.001))
+    losses = fine_tune(module, list(parameters.values()), latents, prompts, config,
                        torch.Generator().manual_seed(0), 10)
     assert len(losses) == 10 and fixed_loss(module, latents, module.encode(prompts)) < before
 
@@ -153,7 +157,7 @@ def test_relearn_starts_at_the_erased_accuracy_restores_the_weights_and_repeats(
     module = erased_uce()
     evaluator = toy_evaluator(toy_classifier)
     erased = {name: p.detach().clone() for name, p in module.trained.items()}
-    config = AttackConfig(images=4, batch_size=2, relearn_steps=[2, 0], relearn_lr=1e-3)
+    config = AttackConfig(images=4, batch_size=2, relearn=RelearnOptions(steps=[2, 0], lr=0.001))
     target = Target(module, ROWS, FAST, 1, evaluator, controls=["square", "triangle"])
     first = measure_attack("relearn", target, config).fields
     unattacked = evaluator.sees(module.generate([r.prompt for r in ROWS], [r.evaluation_seed for r in ROWS], FAST),
@@ -173,9 +177,9 @@ def test_positive_control_the_original_model_draws_the_concept(toy_classifier, a
     (garbage embeddings, a fine-tuning that wrecks the model, a search that loses the concept, a
     wrong generation path) fails this."""
     module = UCE(load_pipeline(TOYWORLD_MODEL), UCEConfig(), ["circle"])
-    config = AttackConfig(steps=3, images=4, batch_size=2, relearn_steps=[0, 3], relearn_lr=1e-3,
-                          unlearndiffatk_timesteps=3, unlearndiffatk_iterations=2,
-                          ring_a_bell_population=100, ring_a_bell_generations=100)
+    config = AttackConfig(steps=3, images=4, batch_size=2, relearn=RelearnOptions(steps=[0, 3], lr=0.001),
+                          unlearndiffatk=UnlearnDiffAtkOptions(timesteps=3, iterations=2),
+                          ring_a_bell=RingABellOptions(population=100, generations=100))
     result = measure_attack(attack, Target(module, ROWS, FAST, 1, toy_evaluator(toy_classifier), controls=["square"]),
                             config).fields
     assert result["attack_success_rate"] >= 0.75 and 0 <= result["attack_success_rate_ci95"][0] <= 0.75
@@ -219,7 +223,7 @@ def test_pez_objective_decreases(toy_classifier):
     module = erased_uce()
     fixed_noise(module)
     never = ScriptedEvaluator({})
-    config = AttackConfig(pez_iterations=24, pez_check_every=100, pez_lr=5e-2, random_control=False)
+    config = AttackConfig(random_control=False, pez=PEZOptions(iterations=24, check_every=100, lr=0.05))
     result = measure_attack("pez", Target(module, ROWS[:3], FAST, 1, never), config)
     losses = result.losses
     assert len(losses) == 24 and sum(losses[-6:]) / 6 < losses[0]
@@ -232,7 +236,7 @@ def test_pez_counts_the_concept_at_any_checkpoint(toy_classifier):
     recovered there), calls 2.. later checkpoints where nothing is seen: recovered images stay recovered."""
     module = erased_uce()
     evaluator = ScriptedEvaluator({0: [2], 1: [0]})
-    config = AttackConfig(pez_iterations=4, pez_check_every=2, random_control=False)
+    config = AttackConfig(random_control=False, pez=PEZOptions(iterations=4, check_every=2))
     result = measure_attack("pez", Target(module, ROWS[:3], FAST, 1, evaluator), config)
     fields = result.fields
     assert fields["pre_attack_success_rate"] == round(1 / 3, 4) and fields["attack_success_rate"] == round(2 / 3, 4)
@@ -246,7 +250,7 @@ def test_embedding_counts_the_concept_at_any_checkpoint():
     (nothing): the success rate keeps what any checkpoint saw; each checkpoint's own share is reported."""
     module = erased_uce()
     evaluator = ScriptedEvaluator({0: [2], 1: [0]})
-    config = AttackConfig(steps=4, embedding_check_every=2, images=3, batch_size=1)
+    config = AttackConfig(steps=4, images=3, batch_size=1, embedding=EmbeddingOptions(check_every=2))
     result = measure_attack("embedding", Target(module, ROWS[:3], FAST, 1, evaluator), config)
     fields = result.fields
     assert fields["pre_attack_success_rate"] == round(1 / 3, 4) and fields["attack_success_rate"] == round(2 / 3, 4)
@@ -262,7 +266,7 @@ def test_ring_a_bell_search_approaches_a_known_prompt(toy_pipeline):
     with torch.no_grad():
         goal = encode_ids(module, hidden)
         assert torch.allclose(goal[0], module.encode([tokenizer.decode(hidden[0])]).embeds[0], atol=1e-5)
-        config = AttackConfig(ring_a_bell_tokens=3, ring_a_bell_population=48, ring_a_bell_generations=40)
+        config = AttackConfig(ring_a_bell=RingABellOptions(tokens=3, population=48, generations=40))
         best, curve = search(module, goal, words, config, torch.Generator().manual_seed(0))
     assert curve[-1] < 0.5 * curve[0]  # the authors mutate parents too: the curve may rise between generations
     found = (encode_ids(module, best) - goal).square().mean()
@@ -271,7 +275,7 @@ def test_ring_a_bell_search_approaches_a_known_prompt(toy_pipeline):
 
 def test_ring_a_bell_is_black_box(toy_classifier):
     """The prompts it finds depend on the original text encoder alone: the same for the original and the erased model."""
-    config = AttackConfig(ring_a_bell_population=16, ring_a_bell_generations=3)
+    config = AttackConfig(ring_a_bell=RingABellOptions(population=16, generations=3))
     found = []
     for module in (UCE(load_pipeline(TOYWORLD_MODEL), UCEConfig(), ["circle"]), erased_uce()):
         ring_a_bell.FOUND.clear()

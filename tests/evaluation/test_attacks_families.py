@@ -15,7 +15,10 @@ from erasure.families import Conditioning
 from erasure.generation import Sampler
 from erasure.methods.instruction import Instruction, InstructionConfig
 from erasure.methods.uce import UCE, UCEConfig
-from evaluation.attacks import ATTACKS, AttackConfig, AttackResult, Target, measure_attack, ring_a_bell
+from evaluation.attacks import (
+    ATTACKS, AttackConfig, AttackResult, EmbeddingOptions, InversionOptions, PEZOptions, RelearnOptions,
+    RingABellOptions, SoftPromptOptions, Target, UnlearnDiffAtkOptions, measure_attack, ring_a_bell,
+)
 from evaluation.attacks.base import original_images
 from evaluation.attacks.embedding import FreeEmbeddings, optimise
 from evaluation.attacks.relearn import relearned_parameters
@@ -27,12 +30,13 @@ from evaluation.protocols.toyworld import toyworld_suites
 FAST = Sampler(steps=2)
 ROWS = toyworld_suites(["circle"])["target"][1:3]  # "a red circle", "an orange circle"
 FAMILIES = ["sdxl", "flux"]
-BUDGET = AttackConfig(steps=2, images=2, batch_size=1, soft_prompt_tokens=2, embedding_check_every=1,
-                      inversion_budget="toy", inversion_steps=2, inversion_images=2, inversion_batch_size=1,
-                      unlearndiffatk_tokens=2, unlearndiffatk_timesteps=2, unlearndiffatk_iterations=1,
-                      pez_tokens=2, pez_iterations=2, pez_check_every=1,
-                      ring_a_bell_tokens=3, ring_a_bell_population=4, ring_a_bell_generations=2,
-                      relearn_steps=[0, 1], relearn_control="none")
+BUDGET = AttackConfig(
+    steps=2, images=2, batch_size=1, soft_prompt=SoftPromptOptions(tokens=2), embedding=EmbeddingOptions(check_every=1),
+    inversion=InversionOptions(budget="toy", steps=2, images=2, batch_size=1),
+    unlearndiffatk=UnlearnDiffAtkOptions(tokens=2, timesteps=2, iterations=1),
+    pez=PEZOptions(tokens=2, iterations=2, check_every=1),
+    ring_a_bell=RingABellOptions(tokens=3, population=4, generations=2),
+    relearn=RelearnOptions(steps=[0, 1], control="none"))
 
 
 def pipeline_of(family: str):
@@ -185,7 +189,7 @@ def test_embedding_substitution_reaches_generation_and_is_undone(family):
     plain = module.generate(prompts, [0, 1], FAST)
     with free.substituted():  # before optimisation the substituted context is the prompt's own
         assert torch.equal(module.generate(prompts, [0, 1], FAST), plain)
-    optimise(module, free, latents, [0, 1], AttackConfig(embedding_lr=0.5, batch_size=1),
+    optimise(module, free, latents, [0, 1], AttackConfig(batch_size=1, embedding=EmbeddingOptions(lr=0.5)),
              torch.Generator().manual_seed(0), 2)
     other = module.encode(["a blue square"], cache=False)
     with free.substituted():

@@ -10,7 +10,7 @@ import torch
 
 from erasure.generation import Sampler
 from erasure.methods.uce import UCE, UCEConfig
-from evaluation.attacks import AttackConfig, Target, measure_attack, ring_a_bell
+from evaluation.attacks import AttackConfig, RingABellOptions, Target, measure_attack, ring_a_bell
 from evaluation.attacks.base import DATA_SEED_OFFSET
 from evaluation.attacks.tokens import word_vocabulary
 from evaluation.protocols.toyworld import toyworld_suites
@@ -79,7 +79,7 @@ def test_a_generation_keeps_every_parent_and_crosses_into_two_children():
     generator = torch.Generator().manual_seed(0)
     candidates = torch.arange(100, 400)
     parents = candidates[torch.randint(len(candidates), (2, 8, 5), generator=generator)]
-    config = AttackConfig(ring_a_bell_crossover_rate=0.5, ring_a_bell_mutation_rate=0.0)
+    config = AttackConfig(ring_a_bell=RingABellOptions(crossover_rate=0.5, mutation_rate=0.0))
     population, exists, changed = ring_a_bell.breed(parents, candidates, config, generator)
     assert population.shape == (2, 24, 5) and torch.equal(population[:, :8], parents)
     assert exists[:, :8].all() and torch.equal(exists[:, 8:16], exists[:, 16:]) and 0 < exists[:, 8:].sum() < 32
@@ -87,7 +87,7 @@ def test_a_generation_keeps_every_parent_and_crosses_into_two_children():
     for g, i in exists[:, 8:16].nonzero().tolist():
         assert crossings(parents[g, i], population[g, 8 + i], population[g, 16 + i], parents[g])
     for rate, children in ((0.0, 0), (1.0, 32)):
-        config = AttackConfig(ring_a_bell_crossover_rate=rate, ring_a_bell_mutation_rate=0.0)
+        config = AttackConfig(ring_a_bell=RingABellOptions(crossover_rate=rate, mutation_rate=0.0))
         assert int(ring_a_bell.breed(parents, candidates, config, generator)[1][:, 8:].sum()) == children
 
 
@@ -96,7 +96,7 @@ def test_mutation_reaches_the_parents_one_position_each():
     generator = torch.Generator().manual_seed(1)
     candidates = torch.arange(1000, 2000)
     parents = candidates[torch.randint(len(candidates), (1, 30, 6), generator=generator)]
-    config = AttackConfig(ring_a_bell_crossover_rate=0.0, ring_a_bell_mutation_rate=1.0)
+    config = AttackConfig(ring_a_bell=RingABellOptions(crossover_rate=0.0, mutation_rate=1.0))
     population, exists, changed = ring_a_bell.breed(parents, candidates, config, generator)
     differences = (population[:, :30] != parents).sum(-1)
     assert changed[:, :30].all() and (differences <= 1).all() and (differences == 1).sum() >= 25
@@ -113,8 +113,7 @@ def test_tokens_are_any_id_of_the_vocabulary_but_the_special_ones(toy_pipeline):
 
 def test_without_mutation_the_best_never_gets_worse_and_the_search_returns_it(toy_pipeline):
     module = UCE(toy_pipeline, UCEConfig(), ["circle"])
-    config = AttackConfig(ring_a_bell_tokens=4, ring_a_bell_population=24, ring_a_bell_generations=15,
-                          ring_a_bell_mutation_rate=0.0)
+    config = AttackConfig(ring_a_bell=RingABellOptions(tokens=4, population=24, generations=15, mutation_rate=0.0))
     with torch.no_grad():
         goal = module.encode(["a red circle"]).embeds
         best, curve = ring_a_bell.search(module, goal, ring_a_bell.vocabulary(toy_pipeline.tokenizer), config,
@@ -134,7 +133,7 @@ def test_the_random_control_judges_as_many_images_with_the_same_seeds_and_path(t
 
     module.generate = recorded
     target = Target(module, ROWS, FAST, 2, Always())
-    config = AttackConfig(ring_a_bell_tokens=4, ring_a_bell_population=8, ring_a_bell_generations=2)
+    config = AttackConfig(ring_a_bell=RingABellOptions(tokens=4, population=8, generations=2))
     ring_a_bell.FOUND.clear()
     fields = measure_attack("ring_a_bell", target, config).fields
     (pairs, _, from_original), (attacked, attack_seeds, _), (control, control_seeds, control_original) = calls

@@ -6,7 +6,7 @@ import torch
 from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.generation import Sampler
 from erasure.methods.uce import UCE, UCEConfig
-from evaluation.attacks import OPTIONS, AttackConfig, AttackConfigError, Target, measure_attack
+from evaluation.attacks import AttackConfig, AttackConfigError, InversionOptions, Target, budget, measure_attack
 from evaluation.attacks.base import attacker_rows, original_images
 from evaluation.attacks.tokens import INVERSION_BUDGETS, PlaceholderTokens, TokenBudget, inversion_budget
 from evaluation.protocols.toyworld import toyworld_suites
@@ -32,29 +32,30 @@ def test_the_default_budget_is_the_authors_scripts():
     --gradient_accumulation_steps=4 --max_train_steps=5000 --learning_rate=5.0e-03 --scale_lr
     --num_train_images=25; AdamW weight decay 1e-2 and flip_p 0.5 of concept_inversion.py; one vector."""
     config = AttackConfig()
-    budget = inversion_budget(config)
-    assert budget == INVERSION_BUDGETS["authors"] == TokenBudget(
+    authors = inversion_budget(config)
+    assert authors == INVERSION_BUDGETS["authors"] == TokenBudget(
         steps=5000, lr=5e-3, scale_lr=True, batch_size=4, accumulation=4, images=25, weight_decay=1e-2, flip_p=0.5)
-    assert budget.optimiser_lr == pytest.approx(0.08) and config.inversion_tokens == 1
-    assert inversion_budget(AttackConfig(inversion_budget="toy")) == TokenBudget(
+    assert authors.optimiser_lr == pytest.approx(0.08) and config.inversion.tokens == 1
+    assert inversion_budget(AttackConfig(inversion=InversionOptions(budget="toy"))) == TokenBudget(
         steps=300, lr=5e-2, scale_lr=False, batch_size=4, accumulation=1, images=16, weight_decay=0.0, flip_p=0.0)
-    override = inversion_budget(AttackConfig(inversion_budget="toy", inversion_steps=7, inversion_accumulation=2))
+    override = inversion_budget(AttackConfig(inversion=InversionOptions(budget="toy", steps=7, accumulation=2)))
     assert (override.steps, override.accumulation, override.lr) == (7, 2, 5e-2)
     # inversion reads its own fields, not the shared ones soft_prompt and embedding read
-    read = set(OPTIONS["inversion"])
-    assert {"inversion_budget", "inversion_steps", "inversion_lr", "inversion_accumulation"} <= read
+    read = set(budget("inversion", AttackConfig()))
+    assert {"inversion.budget", "inversion.steps", "inversion.lr", "inversion.accumulation"} <= read
     assert not {"steps", "lr", "batch_size", "images"} & read
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"inversion_budget": "paper"}, "unknown attack.inversion_budget 'paper'; choose from authors, toy"),
-    ({"inversion_accumulation": 0}, "'attack.inversion_accumulation' must be a whole number of at least 1"),
-    ({"inversion_lr": 0.0}, "'attack.inversion_lr' must be a positive number"),
-    ({"inversion_flip_p": 1.5}, "'attack.inversion_flip_p' must be a number in [0, 1]"),
+    ({"inversion.budget": "paper"}, "unknown attack.inversion.budget 'paper'; choose from authors, toy"),
+    ({"inversion.accumulation": 0}, "'attack.inversion.accumulation' must be a whole number of at least 1"),
+    ({"inversion.lr": 0.0}, "'attack.inversion.lr' must be a positive number"),
+    ({"inversion.flip_p": 1.5}, "'attack.inversion.flip_p' must be a number in [0, 1]"),
 ])
 def test_bad_budgets_are_one_line_errors(options, message):
     with pytest.raises(AttackConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        inversion_budget(AttackConfig(**options))
+        inversion_budget(AttackConfig(inversion=InversionOptions(**{k.removeprefix("inversion."): v
+                                                                     for k, v in options.items()})))
 
 
 def test_decay_shrinks_only_the_new_rows():
@@ -94,8 +95,8 @@ def test_an_update_accumulates_the_gradients_of_its_passes_and_flips_images(monk
 
     module.denoising_loss = spy
     monkeypatch.setattr(torch.optim.Adam, "step", counted_step)
-    config = AttackConfig(inversion_steps=2, inversion_images=4, inversion_batch_size=2, inversion_accumulation=3,
-                          inversion_flip_p=1.0, inversion_lr=1e-3)
+    config = AttackConfig(inversion=InversionOptions(steps=2, images=4, batch_size=2, accumulation=3, flip_p=1.0,
+                                                     lr=0.001))
     result = measure_attack("inversion", Target(module, ROWS, FAST, 1, Never()), config)
 
     assert len(passes) == 6 and all(len(latents) == 2 for latents, _, _ in passes) and len(steps) == 2

@@ -9,7 +9,7 @@ from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.families import family_of
 from erasure.generation import Sampler
 from erasure.methods.uce import UCE, UCEConfig
-from evaluation.attacks import AttackConfig, Target, measure_attack, unlearndiffatk
+from evaluation.attacks import AttackConfig, PEZOptions, Target, UnlearnDiffAtkOptions, measure_attack, unlearndiffatk
 from evaluation.attacks.prefix import random_prefix_control
 from evaluation.attacks.unlearndiffatk import prefixed_text, project_onto_simplex
 from evaluation.protocols.toyworld import toyworld_suites
@@ -97,7 +97,7 @@ def test_tokens_are_sampled_from_projected_distributions_and_checked_once_per_ti
     monkeypatch.setattr(unlearndiffatk, "timestep_loss", spy_loss)
     monkeypatch.setattr(unlearndiffatk, "project_onto_simplex", spy_projection)
     evaluator = ScriptedEvaluator({0: [2], 1: [0]})
-    config = AttackConfig(unlearndiffatk_timesteps=3, unlearndiffatk_iterations=2, random_control=False)
+    config = AttackConfig(random_control=False, unlearndiffatk=UnlearnDiffAtkOptions(timesteps=3, iterations=2))
     result = measure_attack("unlearndiffatk", Target(module, ROWS, FAST, 1, evaluator), config)
     fields = result.fields
     assert evaluator.calls == 4 and evaluator.sizes == [3, 2, 1, 1]  # pre-attack, then one check per timestep
@@ -119,7 +119,8 @@ def test_k_follows_the_runs_protocol():
     config = AttackConfig()
     assert unlearndiffatk.prefix_length(config, Target(None, [], FAST, 1, None, protocol="nudity")) == 5
     assert unlearndiffatk.prefix_length(config, Target(None, [], FAST, 1, None, protocol="objects")) == 3
-    assert unlearndiffatk.prefix_length(AttackConfig(unlearndiffatk_tokens=4), Target(None, [], FAST, 1, None,
+    four = AttackConfig(unlearndiffatk=UnlearnDiffAtkOptions(tokens=4))
+    assert unlearndiffatk.prefix_length(four, Target(None, [], FAST, 1, None,
                                                                                         protocol="nudity")) == 4
 
 
@@ -145,8 +146,8 @@ def test_the_random_control_tries_up_to_its_budget_and_stops_at_the_first_succes
 
 @pytest.mark.parametrize("attack", ["unlearndiffatk", "pez"])
 def test_same_seed_same_result(attack):
-    config = AttackConfig(unlearndiffatk_timesteps=2, unlearndiffatk_iterations=2, pez_iterations=2,
-                          pez_check_every=1)
+    config = AttackConfig(unlearndiffatk=UnlearnDiffAtkOptions(timesteps=2, iterations=2),
+                          pez=PEZOptions(iterations=2, check_every=1))
     results = [measure_attack(attack, Target(erased_uce(), ROWS[:2], FAST, 1, ScriptedEvaluator({})), config)
                for _ in range(2)]
     assert results[0].prompts == results[1].prompts and results[0].fields == results[1].fields
