@@ -44,12 +44,14 @@ from erasure.loggers import PACKAGES as LOGGER_PACKAGES
 from erasure.plugins import recipe_folders
 from evaluation.evaluators import CLIPConfig, NudeNetConfig, TorchvisionConfig
 from evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, ProtocolError, get_protocol
+from evaluation.protocols.no_benchmark import NoBenchmark
 from evaluation.protocols.toyworld import ToyWorldEvaluatorConfig
 
 RECIPES_DIR = Path("recipes")  # relative: resolved against the working directory, then the shipped data
 PRESETS_DIR = RECIPES_DIR / "models"
 BASE_RECIPE = "base"
 AUTO, NO_PRESET = "auto", "none"
+NO_BENCHMARK = NoBenchmark.name
 # model presets by the width of the UNet's cross-attention context (the text encoder's width)
 PRESET_BY_CONTEXT_WIDTH = {128: "toyworld", 768: "sd15", 1024: "sd21"}
 # FLUX-format models by the width of the transformer's text stream (T5's width)
@@ -239,7 +241,19 @@ def choose_protocol(peek: DictConfig) -> tuple[str, str]:
     evaluation = peek.get("evaluation") or {}
     if all(evaluation.get(f"{suite}_csv") for suite in ("target", "synonym", "retained")):
         return "csv", "inferred: target, synonym and retained CSVs given"
+    if evaluation.get("enabled") is False and not knows_concepts(get_protocol(DEFAULT_PROTOCOL), peek):
+        return NO_BENCHMARK, f"inferred: evaluation.enabled=false and a concept protocol {DEFAULT_PROTOCOL} does not know"
     return DEFAULT_PROTOCOL, "default"
+
+
+def knows_concepts(protocol, peek: DictConfig) -> bool:
+    """Whether ``protocol`` can take the concepts of ``peek`` (evaluated or not)."""
+    try:
+        evaluation = OmegaConf.merge({"enabled": True}, protocol.defaults.get("evaluation", {}))
+        protocol.check(normalise_concepts(peek.get("concept") or protocol.defaults.get("concept")), evaluation)
+    except (ProtocolError, ConfigError):
+        return False
+    return True
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -196,3 +196,38 @@ def test_the_issue_command_runs_as_a_subprocess(sd15, files, tmp_path):
     metrics = json.loads((tmp_path / "cat" / "metrics.json").read_text())
     assert metrics["protocol"]["name"] == "csv" and metrics["protocol"]["evaluator"] == "none"
     assert (tmp_path / "cat" / "samples" / "target.png").is_file()
+
+
+@pytest.mark.parametrize("recipe, options", [("esd", []), ("uce", []), ("ablation", ["method.anchor=dog"]), ("lora", [])])
+def test_a_free_text_concept_erases_without_a_benchmark_into_weights_plain_diffusers_loads(sd15, tmp_path, recipe,
+                                                                                            options):
+    """No protocol, no CSV, evaluation off: the run infers protocol none, trains, and writes weights that
+    StableDiffusionPipeline loads (a delta exported to a folder, or the LoRA through load_lora_weights)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from erasure.adapters import LORA_FILE
+    from erasure.weights import DELTA_FILE, export_pipeline, load_delta
+
+    output = tmp_path / "run"
+    assert train([f"recipe={recipe}", f"model.path={sd15}", "concept=a black cat", "evaluation.enabled=false",
+                  "trainer.max_steps=1", *FAST_METHOD[recipe], *options, f"output_dir={output}"]) == 0
+    config = OmegaConf.load(output / "config.yaml")
+    assert config.protocol == "none" and config.sources.protocol.startswith("inferred")
+    base = StableDiffusionPipeline.from_pretrained(sd15)
+    latents, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    context = torch.randn(1, 77, base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = base.unet(latents, t, context).sample
+    if recipe == "lora":
+        erased = StableDiffusionPipeline.from_pretrained(sd15)
+        erased.load_lora_weights(output / "erased")
+        assert (output / "erased" / LORA_FILE).is_file()
+    else:
+        delta = load_delta(output / "erased" / DELTA_FILE)
+        erased = StableDiffusionPipeline.from_pretrained(export_pipeline(sd15, output / "erased" / DELTA_FILE,
+                                                                         tmp_path / "exported"))
+        state = erased.unet.state_dict()
+        assert delta and all(torch.equal(state[name], value) for name, value in delta.items())
+    with torch.no_grad():
+        assert not torch.allclose(erased.unet(latents, t, context).sample, before)

@@ -168,8 +168,9 @@ def templates_of(config: AblationConfig) -> tuple[str | None, ...]:
 def check_anchor(config: AblationConfig, concepts: Sequence[str]) -> None:
     """One-line errors for an anchor that cannot be ablated towards."""
     if not config.anchor_prompts:
-        raise ValueError("Concept Ablation needs anchor prompts: set method.anchor=<concept or superclass> and "
-                         "method.anchor_prompts=[...] (the protocol gives them for its own concepts)")
+        raise ValueError("Concept Ablation maps the concept onto an anchor: set method.anchor=<a concept or superclass, "
+                         "e.g. dog for cat> (its prompts are made from templates; method.anchor_prompts=[...] gives "
+                         "your own)")
     template = config.target_template
     if template is None and not config.anchor:
         raise ValueError("method.anchor is empty: set method.anchor to the word the anchor prompts name")

@@ -5,6 +5,8 @@
     nudity     I2P-format prompts, NudeNet
     objects    Imagenette classes, torchvision ResNet-50
     artists    artist-prompt CSVs, CLIP among the listed artists
+    none       no benchmark: any concept string, the weights only (chosen by itself with
+               evaluation.enabled=false and a concept the toy world does not know)
 
 and the evaluators they use (``evaluation.evaluator``): toyworld, clip, nudenet, torchvision, none;
 with those of the installed plug-ins (``erasure.protocols`` and ``erasure.evaluators`` entry points,
@@ -23,13 +25,14 @@ from evaluation.evaluators import (
 )
 from evaluation.protocols.artists import Artists
 from evaluation.protocols.base import Protocol, ProtocolError
+from evaluation.protocols.no_benchmark import NoBenchmark
 from evaluation.protocols.nudity import Nudity
 from evaluation.protocols.objects import Objects
 from evaluation.protocols.prompt_csv import PromptCSV
 from evaluation.protocols.toyworld import ToyWorld, ToyWorldEvaluator
 from erasure.plugins import plugins
 
-PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (ToyWorld, PromptCSV, Nudity, Objects, Artists)}
+PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (ToyWorld, PromptCSV, Nudity, Objects, Artists, NoBenchmark)}
 PROTOCOLS |= plugins("erasure.protocols", PROTOCOLS)
 DEFAULT_PROTOCOL = ToyWorld.name
 

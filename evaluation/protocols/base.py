@@ -89,7 +89,10 @@ class Protocol:
         return self.supplies.get(role)
 
     def check(self, concepts: Sequence[str], evaluation: DictConfig) -> None:
-        """Raise :class:`ProtocolError` for a concept or a file the protocol cannot evaluate."""
+        """Raise :class:`ProtocolError` for a concept or a file the protocol cannot evaluate (with
+        ``evaluation.enabled=false``: only what the protocol needs to supply the method's roles)."""
+        if not evaluation.get("enabled", True):
+            return
         for key in self.required_files:
             if not evaluation.get(key):
                 raise ProtocolError(f"protocol {self.name} needs evaluation.{key}=<prompts.csv> "

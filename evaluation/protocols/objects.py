@@ -38,6 +38,8 @@ class Objects(Protocol):
 
     def check(self, concepts: Sequence[str], evaluation: DictConfig) -> None:
         super().check(concepts, evaluation)
+        if not evaluation.get("enabled", True):  # nothing is generated or judged: any object erases with the objects setting
+            return
         classes = list(evaluation.classes)
         unknown = [c for c in concepts if c not in classes]
         if unknown:

@@ -163,7 +163,8 @@ class ToyWorld(Protocol):
         unknown = [c for c in concepts if c not in CONCEPTS]
         if unknown and evaluation.evaluator == "toyworld":
             raise ProtocolError(f"concept '{unknown[0]}' is not in the toy world (its concepts: {', '.join(CONCEPTS)}); "
-                                "for other concepts use protocol=csv with your prompt CSVs and an evaluator")
+                                "for other concepts use protocol=csv with your prompt CSVs and an evaluator, or "
+                                "protocol=none to erase without a benchmark")
 
     def suites(self, concepts: Sequence[str], evaluation: DictConfig, seed: int) -> dict[str, list[Prompt]]:
         known = all(c in CONCEPTS for c in concepts)

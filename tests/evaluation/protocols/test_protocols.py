@@ -1,5 +1,6 @@
 """Protocols: their suites, defaults and refusals; the config layers they sit in."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,30 @@ def test_the_lora_eraser_on_artists_ablates_onto_the_protocols_paintings(tmp_pat
                           f"evaluation.prompts_csv={artists}", "evaluation.evaluator=none"])
     assert config.method.anchor == "painting" and config.sources["method.anchor_prompts"] == "protocol artists"
     assert config.method.target_template == "{anchor_prompt} in the style of {concept}"
+
+
+def test_without_evaluation_a_free_text_concept_needs_no_benchmark():
+    """evaluation.enabled=false: a concept the toy world does not know infers protocol none (no CSV, no class
+    list); the benchmark protocols ask for no file; methods take their reference defaults or name the key."""
+    esd = load_config(["recipe=esd", "concept=a black cat", "evaluation.enabled=false"])
+    assert esd.protocol == "none" and esd.sources["protocol"].startswith("inferred: evaluation.enabled=false")
+    assert list(load_config(["recipe=uce", "concept=Van Gogh", "evaluation.enabled=false"]).method.guide) == [""]
+    ablation = load_config(["recipe=ablation", "concept=cat", "method.anchor=dog", "evaluation.enabled=false"]).method
+    assert ablation.anchor_prompts[0] == "a photo of a dog"
+    assert load_config(["recipe=esd", "concept=circle", "evaluation.enabled=false"]).protocol == "toyworld"
+    for protocol in (["protocol=csv", "concept=cat"], ["protocol=nudity"], ["protocol=objects", "concept=cat"],
+                     ["protocol=artists", "concept=Monet"]):
+        assert load_config(["recipe=esd", *protocol, "evaluation.enabled=false"]).protocol == protocol[0].split("=")[1]
+    assert load_config(["recipe=esd", "protocol=objects", "concept=cat", "evaluation.enabled=false"]).method.train_method \
+        == "esd-u"  # the paper's object setting, for any object
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["recipe=ablation", "concept=cat"], "Concept Ablation maps the concept onto an anchor: set method.anchor="),
+    (["recipe=advunlearn", "concept=cat"], "AdvUnlearn's retain term has no prompts to keep here"),
+    (["recipe=esd", "concept=cat", "protocol=none", "evaluation.enabled=true"], "protocol none evaluates nothing"),
+    (["recipe=esd", "concept=cat", "protocol=toyworld"], "or protocol=none to erase without a benchmark"),
+])
+def test_what_a_free_text_concept_lacks_is_one_line_naming_the_key(arguments, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([*arguments, "evaluation.enabled=false"] if "protocol=none" not in arguments else arguments)
