@@ -13,7 +13,9 @@ pyproject.toml) in an installed wheel; :func:`resolve_path` finds a file among t
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -95,6 +97,21 @@ def is_hub_id(path: str | Path) -> bool:
     return not local and text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars off while a model loads (the console is the run's)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
 def load_pipeline(path: str | Path = TOYWORLD_MODEL, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32):
     """Load the pipeline of a local diffusers folder (SD-1.x/2.x, SDXL or FLUX, as its
@@ -109,8 +126,9 @@ def load_pipeline(path: str | Path = TOYWORLD_MODEL, device: str | torch.device 
                                           "requires_safety_checker": False},
               "StableDiffusionXLPipeline": {"add_watermarker": False}}.get(kind, {})
     try:
-        pipeline = PIPELINES[kind].from_pretrained(
-            str(local) if not hub else str(path), torch_dtype=dtype, use_safetensors=True, **extras)
+        with quiet_loading():
+            pipeline = PIPELINES[kind].from_pretrained(
+                str(local) if not hub else str(path), dtype=dtype, use_safetensors=True, **extras)
     except Exception as error:  # any failure to read the folder: one line naming the model and the cause
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"could not load the model at {path}: {first_line}") from None

@@ -14,18 +14,23 @@ from erasure.weights import DeltaError
 from evaluation.attacks import AttackConfigError
 
 PACKAGES = ("erasure", "evaluation")  # the loggers a command shows
+QUIETED = ("lightning.pytorch", "lightning.fabric")  # their info lines (accelerators found, tips) are not the user's
 BAD_INPUT = (ConfigError, ModelLoadError, DeltaError, AttackConfigError)  # exit code 2
 
 
 @contextlib.contextmanager
 def console() -> Iterator[None]:
     """The ``erasure`` and ``evaluation`` loggers' records on the console while a command runs: below
-    WARNING on stdout, the rest on stderr, as plain lines."""
+    WARNING on stdout, the rest on stderr, as plain lines; Lightning's own info lines held back."""
     progress, warnings = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     progress.addFilter(lambda record: record.levelno < logging.WARNING)
     warnings.setLevel(logging.WARNING)
     loggers = [logging.getLogger(name) for name in PACKAGES]
     saved = [(logger.level, logger.propagate) for logger in loggers]
+    quieted = [logging.getLogger(name) for name in QUIETED]
+    quieted_levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(logging.WARNING)
     for handler in (progress, warnings):
         handler.setFormatter(logging.Formatter("%(message)s"))
     for logger in loggers:
@@ -41,6 +46,8 @@ def console() -> Iterator[None]:
             logger.removeHandler(warnings)
             logger.setLevel(level)
             logger.propagate = propagate
+        for logger, level in zip(quieted, quieted_levels):
+            logger.setLevel(level)
 
 
 def run_command(help_text: str, action: Callable[[list[str]], object], argv: list[str] | None,

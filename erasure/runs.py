@@ -39,6 +39,7 @@ from erasure.methods import METHODS
 from erasure.methods.base import EraserModule
 from erasure.methods.rece import Validation
 from evaluation.attacks import AttackConfig, Target, budget, measure_attack
+from evaluation.report import results_table
 from evaluation.callback import EvaluationCallback
 from evaluation.evaluators import Evaluator, EvaluatorError
 from evaluation.protocols import build_evaluator, build_scorer, get_protocol
@@ -213,6 +214,7 @@ def train(config: DictConfig) -> Path:
             warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model")
             warnings.filterwarnings("ignore", message=r".*is set, but there is no last checkpoint available")
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen parts, by design
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's own
             trainer.fit(module, ckpt_path=str(last) if config.resume else None, weights_only=True)
     except SIGTERMException:
         raise Interrupted(f"terminated at step {trainer.global_step}; continue with resume=true output_dir={output}") from None
@@ -223,6 +225,9 @@ def train(config: DictConfig) -> Path:
         raise TrainingStopped(f"the loss was not finite at step {module.nonfinite_step}: training stopped, and "
                               f"{output / 'erased'} holds the weights before it; lower method.lr or check the inputs")
     info(f"erased {', '.join(config.concept)} with {config.recipe} in {time.perf_counter() - started:.1f} s -> {output}")
+    if (output / "metrics.json").is_file():
+        info(results_table(json.loads((output / "metrics.json").read_text())))
+        info(f"report: {output / 'report.md'}")
     return output
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import math
+import warnings
 
 import torch
 from torchmetrics.image.kid import KernelInceptionDistance
@@ -67,8 +68,10 @@ class _Features(torch.nn.Module):
 def kid(evaluator: Evaluator, reference: torch.Tensor, images: torch.Tensor, subset_size: int, seed: int = 0) -> float:
     """KID between two uint8 image sets (N, H, W, 3); subsets are drawn with a fixed seed."""
     # every rank holds all images (the callback gathers them): no syncing of states across ranks
-    metric = KernelInceptionDistance(feature=_Features(evaluator), subset_size=min(subset_size, len(images)),
-                                     subsets=50, sync_on_compute=False)
+    with warnings.catch_warnings():  # it keeps every feature: a few hundred images here, by design
+        warnings.filterwarnings("ignore", message=r"Metric `Kernel Inception Distance` will save all extracted")
+        metric = KernelInceptionDistance(feature=_Features(evaluator), subset_size=min(subset_size, len(images)),
+                                         subsets=50, sync_on_compute=False)
     metric.update(reference.permute(0, 3, 1, 2), real=True)
     metric.update(images.permute(0, 3, 1, 2), real=False)
     state = torch.random.get_rng_state()

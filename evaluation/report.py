@@ -58,6 +58,20 @@ def format_metric(values: dict, name: str) -> str:
     return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
 
 
+def results_table(metrics: dict) -> str:
+    """The run's headline metrics before and after erasure, with their 95% intervals, as console lines
+    (the per-concept breakdowns are in ``report.md``)."""
+    order = ("efficacy", "generality", "specificity", "fidelity")
+    names = sorted((n for n in set(metrics["before"]) | set(metrics["after"])
+                    if not n.endswith(INTERVAL) and n.count("/") == 1),
+                   key=lambda n: (order.index(n.split("/")[0]) if n.split("/")[0] in order else len(order), n))
+    width = max(len(n) for n in names) if names else 0
+    cells = [(n, format_metric(metrics["before"], n), format_metric(metrics["after"], n)) for n in names]
+    column = max([len("before"), *(len(before) for _, before, _ in cells)])
+    return "\n".join([f"{'':<{width}}  {'before':<{column}}  after",
+                      *(f"{n:<{width}}  {before:<{column}}  {after}" for n, before, after in cells)])
+
+
 def write_report(path: Path, metrics: dict, protocol: dict, grids: dict[str, str]) -> None:
     """``report.md``: the protocol, the before/after table (95% Wilson intervals) and the sample grids."""
     names = sorted(n for n in set(metrics["before"]) | set(metrics["after"]) if not n.endswith(INTERVAL))

@@ -164,3 +164,24 @@ def test_unknown_or_missing_logger_is_one_line(tmp_path, capsys, monkeypatch, lo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     assert main(["recipe=esd", f"trainer.logger={logger}", f"output_dir={tmp_path / 'run'}"]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_the_main_job_ends_with_its_metrics_table_and_shows_no_library_warning(tmp_path):
+    """README's main job, shortened: the console's last lines are the before/after table with intervals and
+    the report's path; stderr holds no library warning, deprecation or tip (only progress bars)."""
+    import subprocess
+    import sys
+
+    output = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "erasure.train", "recipe=esd", "trainer.max_steps=2",
+                           "trainer.log_every_n_steps=1", "evaluation.images_per_prompt=1", f"output_dir={output}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == f"report: {output / 'report.md'}"
+    table = lines[-6:-1]
+    assert table[0].split() == ["before", "after"] and table[1].startswith("efficacy/target_acc")
+    assert all("[" in row for row in table[1:4])  # accuracies with their 95% intervals
+    noise = [line for line in done.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and "it/s" not in line and "s/it" not in line]
+    assert not noise, noise
