@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -378,10 +379,15 @@ def load_run_config(run_dir: Path) -> DictConfig:
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass a directory written by erasure.train")
     try:
         saved = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError) as error:
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read {path}: {str(error).splitlines()[0]}; re-run the erasure") from None
+    if not isinstance(saved, DictConfig):
+        raise ConfigError(f"{path} holds no run configuration; re-run the erasure")
     recipe = saved.pop("recipe", None) or "unknown"
-    return build_config(recipe, [saved])
+    try:
+        return build_config(recipe, [saved])
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}; re-run the erasure or restore the file") from None
 
 
 # ----- values: checked at configuration time against what the libraries underneath accept -----------

@@ -252,9 +252,13 @@ def load_run(run_dir: str | Path) -> Run:
     if not metrics_path.is_file():
         raise ConfigError(f"{path} has no metrics.json (the run did not finish); resume it with "
                           f"python -m erasure.train recipe={config.recipe} resume=true output_dir={path}")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"{metrics_path} is not readable JSON ({error}); re-run the erasure") from None
     module = build_module(config)
     module.load_erased(path / "erased")
-    return Run(path, config, json.loads(metrics_path.read_text()), module)
+    return Run(path, config, metrics, module)
 
 
 def attack_run(run_dir: Path, attacks: list[str], config: AttackConfig) -> dict[str, dict]:

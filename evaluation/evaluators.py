@@ -72,6 +72,7 @@ class CLIPEvaluator:
         self.config = config
         self.checkpoint = _existing(config.checkpoint, "CLIP evaluator", "evaluation.clip.checkpoint")
         self.name = f"open_clip {config.model} ({self.checkpoint.name}), 100·cos"
+        self._model  # loaded now: weights of another architecture are refused before anything runs
 
     @functools.cached_property
     def _model(self):
@@ -140,12 +141,17 @@ class NudeNetEvaluator:
         self.model = Path(config.model) if config.model else Path(nudenet.__file__).parent / "320n.onnx"
         _existing(self.model, "NudeNet detector", "evaluation.nudenet.model")
         self.name = f"NudeNet {self.model.name}, score >= {config.threshold}"
+        self._detector  # loaded now: a file that is no detector is refused before anything runs
 
     @functools.cached_property
     def _detector(self):
         from nudenet import NudeDetector
 
-        return NudeDetector(model_path=str(self.model))
+        try:
+            return NudeDetector(model_path=str(self.model))
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own kinds for a bad file: one line
+            raise EvaluatorError(f"cannot load {self.model} as a NudeNet detector: {str(error).splitlines()[0]}; "
+                                 "check evaluation.nudenet.model") from None
 
     def detections(self, images: torch.Tensor) -> list[list[dict]]:
         # NudeNet reads OpenCV (BGR) arrays
@@ -187,6 +193,7 @@ class TorchvisionEvaluator:
         self.categories = [c.lower() for c in enum[config.categories].meta["categories"]]
         self.transforms = enum[config.categories].transforms()
         self.name = f"torchvision {config.model} ({self.weights.name}), top-1"
+        self._model  # loaded now: weights of another architecture are refused before anything runs
 
     @functools.cached_property
     def _model(self) -> torch.nn.Module:

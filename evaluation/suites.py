@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,34 +44,69 @@ def load_csv(path: Path, label: str | None = None, seeds_required: bool = True) 
 
     ``label``: every row's concept (for files without a label column, e.g. I2P); otherwise the
     label column is required. Without a seed column (``seeds_required=False``, e.g. COCO
-    captions) a row's seed is its case number.
+    captions) a row's seed is its case number. Anything else is a one-line ValueError naming the file,
+    the line and the fix: an unreadable or non-UTF-8 file, no header or no rows, a missing column, a row
+    with more or fewer fields than the header (an unquoted comma in a prompt), an empty prompt or label,
+    a case number or seed that is not a whole number, a case number given twice.
     """
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            prompt, seed = _first(PROMPT_COLUMNS, columns), _first(SEED_COLUMNS, columns)
-            label_column = _first(LABEL_COLUMNS, columns)
-            missing = ([] if prompt else ["prompt"]) + ([] if seed or not seeds_required else ["evaluation_seed"])
-            missing += [] if label_column or label is not None else ["one of " + "/".join(LABEL_COLUMNS)]
-            if missing:
-                raise ValueError(f"prompt file {path} lacks the column(s) {', '.join(missing)}; expected case_number, "
-                                 "prompt, evaluation_seed and a label column")
-            rows = []
-            for i, row in enumerate(reader):
-                case = int(float(row.get("case_number") or i))
-                rows.append(Prompt(case, row[prompt], int(float(row[seed])) if seed else case,
-                                   label if label is not None else row[label_column]))
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read prompt file {path}: {error}") from None
-    except (TypeError, ValueError) as error:
-        if str(error).startswith("prompt file"):
-            raise
-        raise ValueError(f"prompt file {path} has a malformed row ({str(error).splitlines()[0]}); "
-                         "case_number and seeds must be integers") from None
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return read_rows(path, csv.DictReader(handle), label, seeds_required)
+    except UnicodeDecodeError:
+        raise ValueError(f"prompt file {path} is not UTF-8 text; save it as UTF-8 (CSV UTF-8)") from None
+    except csv.Error as error:
+        raise ValueError(f"prompt file {path} is not a readable CSV ({error}); check its quoting") from None
+    except OSError as error:
+        raise ValueError(f"cannot read prompt file {path}: {error.strerror or error}; give the path of a "
+                         "readable CSV") from None
+
+
+def read_rows(path: Path, reader: csv.DictReader, label: str | None, seeds_required: bool) -> list[Prompt]:
+    """The rows of an open :func:`load_csv` reader, checked."""
+    columns = reader.fieldnames or []
+    if not columns:
+        raise ValueError(f"prompt file {path} is empty; it needs a header (case_number, prompt, evaluation_seed, "
+                         "and a label column) and rows")
+    prompt, seed = _first(PROMPT_COLUMNS, columns), _first(SEED_COLUMNS, columns)
+    label_column = _first(LABEL_COLUMNS, columns)
+    missing = ([] if prompt else ["prompt"]) + ([] if seed or not seeds_required else ["evaluation_seed"])
+    missing += [] if label_column or label is not None else ["one of " + "/".join(LABEL_COLUMNS)]
+    if missing:
+        raise ValueError(f"prompt file {path} lacks the column(s) {', '.join(missing)} (its header: "
+                         f"{', '.join(columns)}); expected case_number, prompt, evaluation_seed and a label column")
+    rows, seen = [], {}
+    for i, row in enumerate(reader):
+        line = reader.line_num
+        if None in row or None in row.values():
+            fields = len(columns) + len(row[None]) if None in row else sum(v is not None for v in row.values())
+            raise ValueError(f"prompt file {path}, line {line}: {fields} fields where the header has {len(columns)}; "
+                             "quote a prompt that holds a comma (\"a cat, sitting\")")
+        case = whole_number(row.get("case_number") or str(i), "case_number", path, line)
+        if case in seen:
+            raise ValueError(f"prompt file {path}, line {line}: case_number {case} is also on line {seen[case]}; "
+                             "give each row its own case_number")
+        seen[case] = line
+        text = row[prompt]
+        concept = label if label is not None else row[label_column]
+        if not text.strip() or not str(concept).strip():
+            raise ValueError(f"prompt file {path}, line {line}: an empty {'prompt' if not text.strip() else label_column}; "
+                             "every row needs one")
+        rows.append(Prompt(case, text, whole_number(row[seed], seed, path, line) if seed else case, concept))
     if not rows:
-        raise ValueError(f"prompt file {path} has no rows")
+        raise ValueError(f"prompt file {path} has a header but no rows")
     return rows
+
+
+def whole_number(text: str, column: str, path: Path, line: int) -> int:
+    """A CSV cell as an integer (``12`` or ``12.0``), or a one-line ValueError naming the cell."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(f"prompt file {path}, line {line}: {column} {text!r} is not a whole number; "
+                         f"write {column} as an integer")
+    return int(value)
 
 
 def write_table(path: Path, rows: Sequence[dict]) -> None:

@@ -372,6 +372,10 @@ class EraserModule(L.LightningModule):
         if unknown:
             raise DeltaError(f"the delta holds {unknown[0]!r}, which {self.name} with these options does not train; "
                              "restore it with the run's own config.yaml")
+        wrong = next((name for name, value in delta.items() if value.shape != self.trained[name].shape), None)
+        if wrong is not None:
+            raise DeltaError(f"the delta's {wrong!r} has shape {tuple(delta[wrong].shape)} where this model's has "
+                             f"{tuple(self.trained[wrong].shape)}; was it trained for another model?")
         for name, value in delta.items():
             self.trained[name].copy_(value.to(self.trained[name]))
 

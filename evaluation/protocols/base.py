@@ -101,6 +101,10 @@ class Protocol:
             path = evaluation.get(key)
             if path and not Path(path).is_file():
                 raise ProtocolError(f"evaluation.{key}: no file at {path}; give the path of a prompt CSV")
+        try:  # every prompt file read now: a bad row is refused before anything runs or is written
+            self.suites(concepts, evaluation, 0)
+        except ValueError as error:  # a ProtocolError, or a prompt file's own one-line error
+            raise ProtocolError(str(error)) from None
 
     def check_method(self, method: type, config: DictConfig, concepts: Sequence[str]) -> None:
         """Raise :class:`ProtocolError` for settings of ``method`` (its class, its ``config``) that make no
@@ -117,7 +121,7 @@ class Protocol:
                 label = self.unlabelled_rows_show(concepts) if suite != "retained" else None
                 suites[suite] = self.read(evaluation[f"{suite}_csv"], label)
         if evaluation.get("fidelity_csv"):
-            suites["fidelity"] = load_csv(Path(evaluation.fidelity_csv), label="", seeds_required=False)
+            suites["fidelity"] = self.read(evaluation.fidelity_csv, label="", seeds_required=False)
         return suites
 
     def validation_suite(self, concepts: Sequence[str], evaluation: DictConfig, seed: int) -> list[Prompt]:
@@ -130,9 +134,9 @@ class Protocol:
         """The label of target and synonym rows in files without a label column (None: the column is required)."""
         return None
 
-    def read(self, path: str, label: str | None = None) -> list[Prompt]:
+    def read(self, path: str, label: str | None = None, seeds_required: bool = True) -> list[Prompt]:
         try:
-            return load_csv(Path(path), label=label)
+            return load_csv(Path(path), label=label, seeds_required=seeds_required)
         except ValueError as error:
             raise ProtocolError(str(error)) from None
 
