@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
+
 
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
@@ -59,8 +61,34 @@ def atomic_save(path: Path, save: Callable[[Path], object]) -> None:
 
 
 def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors through a temporary file and a rename."""
-    from safetensors.torch import save_file
+    """Write tensors as safetensors through a temporary file and a rename (:func:`stream_safetensors`)."""
+    atomic_save(path, lambda staging: stream_safetensors(tensors, staging, metadata))
 
-    atomic_save(path, lambda staging: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                                                staging, metadata=metadata))
+
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def stream_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` in the safetensors format (an 8-byte little-endian header length, a JSON header of
+    dtypes, shapes and byte offsets padded to 8 bytes, then the data), one tensor at a time: memory beyond
+    the tensors themselves is one tensor's contiguous copy at most, where ``safetensors.torch.save_file``
+    first builds the bytes of all of them (twice the model's trained weights at real sizes)."""
+    import json
+    import struct
+
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
+                        "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            data = tensor.detach().cpu().contiguous()
+            handle.write(memoryview(data.view(-1).view(torch.uint8).numpy()) if data.numel() else b"")

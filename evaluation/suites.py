@@ -88,7 +88,7 @@ def read_rows(path: Path, reader: csv.DictReader, label: str | None, seeds_requi
         seen[case] = line
         text = row[prompt]
         concept = label if label is not None else row[label_column]
-        if not text.strip() or not str(concept).strip():
+        if not text.strip() or (label is None and not concept.strip()):
             raise ValueError(f"prompt file {path}, line {line}: an empty {'prompt' if not text.strip() else label_column}; "
                              "every row needs one")
         rows.append(Prompt(case, text, whole_number(row[seed], seed, path, line) if seed else case, concept))

@@ -53,3 +53,23 @@ def test_instruction_words_left_the_random_initialisation_norm():
     # v1 left these rows at the random initialisation's norm (0.20-0.24, like the untouched ones)
     assert instruction.norm(dim=1).median() > 1.4 * untouched.norm(dim=1).median()
     assert instruction.norm(dim=1).min() > untouched.norm(dim=1).max()
+
+
+def test_the_plain_flux_pipeline_called_as_readme_says_draws_the_asked_colour():
+    """README's plain-diffusers call of the FLUX toy model (true CFG 6, an empty negative prompt and
+    max_sequence_length=32, the toy T5's length): the classifier sees the asked colour."""
+    import numpy as np
+    from diffusers import FluxPipeline
+
+    from erasure.bundle import TOYWORLD_FLUX_MODEL, resolve_path
+    from evaluation.protocols.toyworld import ToyWorldEvaluator, ToyWorldEvaluatorConfig
+
+    pipe = FluxPipeline.from_pretrained(TOYWORLD_FLUX_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    colours = ["red", "blue", "green", "yellow", "purple", "orange"]
+    images = [pipe(f"a {colour} circle", true_cfg_scale=6, negative_prompt="", max_sequence_length=32, height=32,
+                   width=32, num_inference_steps=25, generator=torch.Generator().manual_seed(k)).images[0]
+              for k, colour in enumerate(colours)]
+    judge = ToyWorldEvaluator(ToyWorldEvaluatorConfig(str(resolve_path("checkpoints/toyworld/classifier"))))
+    seen = judge.sees(torch.from_numpy(np.stack([np.asarray(image) for image in images])), colours)
+    assert int(seen.sum()) >= 5, seen.tolist()

@@ -137,8 +137,9 @@ def test_rece_presets_follow_the_concept_kind(tmp_path, protocol, concept, expec
     i2p = write(tmp_path / "i2p.csv", "prompt,sd_seed,case_number\na bather,42,3\n")
     artists = write(tmp_path / "a.csv", "case_number,prompt,evaluation_seed,artist\n0,a sky,1,Van Gogh\n"
                                         "1,a pond,2,Monet\n2,a wave,3,Hokusai\n")
-    config = load_config(["recipe=rece", f"protocol={protocol}", f"concept={concept}", f"evaluation.target_csv={i2p}",
-                          f"evaluation.prompts_csv={artists}", "evaluation.evaluator=none"])
+    files = {"nudity": [f"evaluation.target_csv={i2p}"], "artists": [f"evaluation.prompts_csv={artists}"]}
+    config = load_config(["recipe=rece", f"protocol={protocol}", f"concept={concept}", *files.get(protocol, []),
+                          "evaluation.evaluator=none"])
     method = {key: config.method[key] for key in expected}
     assert {k: list(v) if not isinstance(v, (int, float, str)) else v for k, v in method.items()} == expected
     assert config.method.reedit_lam == 0.1 and config.method.reedit_preserve_scale == 0.1
