@@ -149,11 +149,15 @@ def create_output_dir(config: DictConfig, output: Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed: an interrupted save never leaves half a file."""
+    """Checkpoints written to a temporary file and renamed: an interrupted save never leaves half a file.
+    ``torch.save`` writes into the file tensor by tensor; Lightning's own save first serialises the whole
+    checkpoint into memory and copies it once more (at real sizes, twice the trained tensors and their Adam
+    states on top of the run)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        atomic_save(Path(path), lambda staging: super(AtomicCheckpointIO, self).save_checkpoint(
-            checkpoint, staging, storage_options))
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        atomic_save(Path(path), lambda staging: torch.save(checkpoint, staging))
 
 
 class CheckpointOnInterrupt(OnExceptionCheckpoint):

@@ -1,4 +1,5 @@
-"""Plug-ins: a package outside the repository adds a method, its recipe and an attack through entry points."""
+"""Plug-ins: a package outside the repository adds a method, its recipe, a protocol, an evaluator and an attack
+through entry points."""
 
 import json
 import os
@@ -43,6 +44,18 @@ def test_a_plugin_method_recipe_and_attack_run_end_to_end(installed, tmp_path):
     assert attacked.returncode == 0, attacked.stderr[-2000:]
     result = json.loads((run / "attacks" / "name_synonym.json").read_text())
     assert result["attack_success_rate"] <= 0.1  # every "circle" of the doubled prompt is substituted too
+
+
+def test_a_plugin_protocol_and_evaluator_judge_a_run(installed, tmp_path):
+    """The plug-in's protocol (its suites, its supplies) and its evaluator (built from evaluation.options)."""
+    assert "shapes" in installed("erasure.train", "--help").stdout
+    run = tmp_path / "run"
+    trained = installed("erasure.train", "recipe=substitute", "protocol=shapes", "concept=circle", f"output_dir={run}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"]["evaluator"] == "shape judge"
+    assert metrics["before"]["efficacy/target_acc"] >= 0.75 and metrics["after"]["efficacy/target_acc"] <= 0.25
+    assert metrics["after"]["specificity/retained_acc"] >= 0.75
 
 
 def test_a_plugin_taking_a_builtin_name_is_refused(monkeypatch):

@@ -152,6 +152,12 @@ class EraserModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(list(self.trained.values()), lr=self.config.lr)
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients freed: a checkpoint, an evaluation or the save after a step
+        has their memory back (at real sizes, as much as the trained tensors)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def gradient_clip_val(self) -> float | None:
         """The gradient norm the Trainer clips to (None: no clipping; methods that optimise manually keep None)."""
         return None

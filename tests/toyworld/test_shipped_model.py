@@ -73,3 +73,21 @@ def test_the_plain_flux_pipeline_called_as_readme_says_draws_the_asked_colour():
     judge = ToyWorldEvaluator(ToyWorldEvaluatorConfig(str(resolve_path("checkpoints/toyworld/classifier"))))
     seen = judge.sees(torch.from_numpy(np.stack([np.asarray(image) for image in images])), colours)
     assert int(seen.sum()) >= 5, seen.tolist()
+
+
+def test_the_plain_sd_pipeline_called_as_the_docs_say_draws_the_asked_shape():
+    """docs/getting-started.md's plain-diffusers call of the SD toy model: the classifier sees the asked shape."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from erasure.bundle import resolve_path
+    from evaluation.protocols.toyworld import ToyWorldEvaluator, ToyWorldEvaluatorConfig
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOYWORLD_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    shapes = ["circle", "square", "triangle", "star", "heart", "cross"]
+    images = [pipe(f"a striped red {shape}", num_inference_steps=25, guidance_scale=6.0,
+                   generator=torch.Generator().manual_seed(k)).images[0] for k, shape in enumerate(shapes)]
+    judge = ToyWorldEvaluator(ToyWorldEvaluatorConfig(str(resolve_path("checkpoints/toyworld/classifier"))))
+    seen = judge.sees(torch.from_numpy(np.stack([np.asarray(image) for image in images])), shapes)
+    assert int(seen.sum()) >= 5, seen.tolist()
