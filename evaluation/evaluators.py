@@ -107,9 +107,12 @@ class CLIPEvaluator:
         if not self.config.contrast:
             return self.score(images, texts) >= self.config.threshold
         image_embeddings = self._image_embeddings(images)
-        contrast = self._text_embeddings([self.config.template.format(concept=c) for c in self.config.contrast])
+        labels = list(dict.fromkeys(self.config.contrast))
+        similarity = image_embeddings @ self._text_embeddings([self.config.template.format(concept=c) for c in labels]).T
         own = (image_embeddings * self._text_embeddings(texts)).sum(-1)
-        return own > (image_embeddings @ contrast.T).max(-1).values
+        # zero-shot among the listed concepts: each image against every label but its own concept's
+        itself = torch.tensor([[label == concept for label in labels] for concept in concepts])
+        return own > similarity.masked_fill(itself, -torch.inf).max(-1).values
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self._image_embeddings(images)

@@ -231,3 +231,21 @@ def test_a_free_text_concept_erases_without_a_benchmark_into_weights_plain_diffu
         assert delta and all(torch.equal(state[name], value) for name, value in delta.items())
     with torch.no_grad():
         assert not torch.allclose(erased.unet(latents, t, context).sample, before)
+
+
+def test_the_quick_evaluation_judges_any_concept_with_clip_among_its_neighbours(sd15, tiny_clip, tmp_path, capsys):
+    """protocol=quick with only open_clip weights: template prompts, CLIP among the concept and its neighbours,
+    every accuracy with its interval; without the CLIP weights, one line naming the key."""
+    output = tmp_path / "run"
+    quick = ["recipe=uce", f"model.path={sd15}", "protocol=quick", "concept=a black cat", "evaluation.steps=2",
+             "evaluation.images_per_prompt=1", "evaluation.clip.model=tiny-clip-test"]
+    assert train([*quick, f"evaluation.clip.checkpoint={tiny_clip}", f"output_dir={output}"]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    for key in ("efficacy/target_acc", "specificity/retained_acc"):
+        assert 0 <= metrics["after"][key] <= 1 and len(metrics["after"][f"{key}_ci95"]) == 2
+    config = OmegaConf.load(output / "config.yaml")
+    assert list(config.evaluation.clip.contrast)[:2] == ["a black cat", "a person"]
+    capsys.readouterr()
+    assert train([*quick, f"output_dir={tmp_path / 'none'}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "evaluation.clip.checkpoint" in errors[0] and not (tmp_path / "none").exists()

@@ -5,6 +5,7 @@
     nudity     I2P-format prompts, NudeNet
     objects    Imagenette classes, torchvision ResNet-50
     artists    artist-prompt CSVs, CLIP among the listed artists
+    quick      any concept: the field's prompt templates, CLIP zero-shot among it and its neighbours
     none       no benchmark: any concept string, the weights only (chosen by itself with
                evaluation.enabled=false and a concept the toy world does not know)
 
@@ -29,10 +30,11 @@ from evaluation.protocols.no_benchmark import NoBenchmark
 from evaluation.protocols.nudity import Nudity
 from evaluation.protocols.objects import Objects
 from evaluation.protocols.prompt_csv import PromptCSV
+from evaluation.protocols.quick import Quick
 from evaluation.protocols.toyworld import ToyWorld, ToyWorldEvaluator
 from erasure.plugins import plugins
 
-PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (ToyWorld, PromptCSV, Nudity, Objects, Artists, NoBenchmark)}
+PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (ToyWorld, PromptCSV, Nudity, Objects, Artists, Quick, NoBenchmark)}
 PROTOCOLS |= plugins("erasure.protocols", PROTOCOLS)
 DEFAULT_PROTOCOL = ToyWorld.name
 

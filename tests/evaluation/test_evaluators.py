@@ -85,3 +85,15 @@ def test_evaluator_choice_in_config_fails_early_with_one_line():
         build_evaluator(config.evaluation)
     with pytest.raises(ConfigError, match="'evaluation.toyworld.classifier': no folder at /nope"):
         load_config(["recipe=esd", "evaluation.toyworld.classifier=/nope"])
+
+
+def test_clip_decides_zero_shot_among_the_listed_concepts_its_own_included(tiny_clip, monkeypatch):
+    """With a contrast list that holds the image's own concept (the artists' and the quick protocol's), an
+    image shows c when c's text is nearer than every other listed concept's."""
+    evaluator = CLIPEvaluator(CLIPConfig(model="tiny-clip-test", checkpoint=str(tiny_clip),
+                                         contrast=["circle", "star", "square"]))
+    axes = {"circle": [1.0, 0.0, 0.0], "star": [0.0, 1.0, 0.0], "square": [0.0, 0.0, 1.0]}
+    monkeypatch.setattr(evaluator, "_image_embeddings", lambda images: torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0]]))
+    monkeypatch.setattr(evaluator, "_text_embeddings", lambda texts: torch.tensor([axes[t.split()[-1]] for t in texts]))
+    assert evaluator.sees(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), ["circle", "circle"]).tolist() == [True, False]
+    assert evaluator.sees(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), ["star", "star"]).tolist() == [False, True]
