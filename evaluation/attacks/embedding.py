@@ -22,9 +22,8 @@ the attacked prompts in turn, at least one each). Every optimisation step is one
 followed by the projection back onto the norm constraint. The constraint keeps each free position
 at the scale the encoder's final layer norm gives its outputs, the scale cross-attention was
 trained on: unconstrained, the free positions drift off it, and the guided samples degrade even on
-the original model (toy world, 300 steps at lr 1e-2: the original model's circles fell from 1.00
-to 0.39 unconstrained, to 0.67 with the constraint, while an ESD run's rose from 0.09 to 0.21 and
-0.48): the objective is the denoising loss, not the guided samples the evaluator sees.
+the original model (measured in docs/attacks.md): the objective is the denoising loss, not the guided
+samples the evaluator sees.
 The attacked images are generated through the method's own generation path (its prompt
 rewriting, negative prompts, guidance) with E_p[F_p <- e_p] substituted for the text encoder's
 output of p, the same prompts and seeds as the evaluation, at the start (e_p = E_p: the erased
@@ -34,7 +33,7 @@ at any of these checkpoints (the attacker keeps the best conditioning it has fou
 success rate is at least the erased model's own target accuracy (``pre_attack_success_rate``);
 ``attack_success_rate_by_step`` gives each checkpoint's share alone. The checkpoints matter
 because the denoising objective is not what the evaluator sees: on the original model the
-guided samples' circles fall from 1.00 at the start to 0.67 after 300 steps (above).
+guided samples' concept fades as the steps go (docs/attacks.md).
 
 No prompt reaches these embeddings in general (they need not be the encoding of any token
 sequence), so the attack success rate is an upper bound on what text-side attacks (inversion,
