@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,9 +76,6 @@ def stream_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | Non
     dtypes, shapes and byte offsets padded to 8 bytes, then the data), one tensor at a time: memory beyond
     the tensors themselves is one tensor's contiguous copy at most, where ``safetensors.torch.save_file``
     first builds the bytes of all of them (twice the model's trained weights at real sizes)."""
-    import json
-    import struct
-
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, tensor in tensors.items():

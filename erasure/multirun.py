@@ -26,12 +26,14 @@ sampler unless another is chosen), so an Optuna search tunes an eraser to a mode
 from __future__ import annotations
 
 import contextlib
+import csv
 import itertools
 import json
 import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -69,20 +71,39 @@ def parse(arguments: list[str]) -> list:
                           "a comma or brackets, e.g. concept=\"a, b\"") from None
 
 
+def is_interval(override) -> bool:
+    """Whether ``override`` is Optuna's ``interval()`` (a search range, no values to list)."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    return override.is_sweep_override() and isinstance(override.value(), IntervalSweep)
+
+
 def values_to_check(override) -> list[str]:
     """The ``key=value`` arguments a sweep override stands for: every value of a list, range or choice; the
     two ends of an interval."""
     key = override.get_key_element()
     if not override.is_sweep_override():
         return [override.input_line]
-    sweep = override.value()
-    if hasattr(sweep, "start") and hasattr(sweep, "end") and not hasattr(sweep, "step"):  # interval(start, end)
-        return [f"{key}={sweep.start}", f"{key}={sweep.end}"]
+    if is_interval(override):
+        return [f"{key}={override.value().start}", f"{key}={override.value().end}"]
     return [f"{key}={value}" for value in override.sweep_string_iterator()]
 
 
-def plan(arguments: list[str]) -> tuple[list[str], list[str], Path, list[list[str]]]:
-    """(the run overrides, Hydra's own, the sweep folder, every combination to check), checked."""
+@dataclass
+class Plan:
+    """A checked multirun: the run overrides, Hydra's own, the sweep folder, how many runs a grid has, the
+    keys given one value, and the first run's resolved config."""
+
+    runs: list[str]
+    hydra: list[str]
+    output: Path
+    count: int
+    fixed_keys: list[str]
+    first: DictConfig
+
+
+def plan(arguments: list[str]) -> Plan:
+    """The multirun ``arguments`` describe, every run of a grid checked before any starts."""
     if any(a.startswith("launcher.") for a in arguments):
         raise ConfigError("launcher.* belongs to erasure.compare; a multirun takes hydra/launcher=submitit_local "
                           "(or submitit_slurm, joblib) and hydra.sweeper.max_batch_size=<runs at a time>")
@@ -94,36 +115,36 @@ def plan(arguments: list[str]) -> tuple[list[str], list[str], Path, list[list[st
     if not optuna and not any(o.is_sweep_override() for o in overrides):
         raise ConfigError("nothing to sweep; give a key several values, e.g. method.lr=1e-4,5e-4,1e-3, "
                           "or search with hydra/sweeper=optuna")
-    for override in overrides:
-        if override.is_sweep_override() and not optuna and hasattr(override.value(), "start") \
-                and not hasattr(override.value(), "step"):
-            raise ConfigError(f"'{override.get_key_element()}': interval() is for hydra/sweeper=optuna; "
-                              "a grid takes a list, range() or choice()")
+    interval = next((o for o in overrides if is_interval(o)), None)
+    if interval is not None and not optuna:
+        raise ConfigError(f"'{interval.get_key_element()}': interval() is for hydra/sweeper=optuna; "
+                          "a grid takes a list, range() or choice()")
     output = Path(output_given[-1] if output_given else f"runs/multirun/{datetime.now():%Y%m%d-%H%M%S}")
     combinations = [list(c) for c in itertools.product(*(values_to_check(o) for o in overrides))]
-    for combination in combinations:
-        load_config([*combination, f"output_dir={output / 'runs' / 'check'}"])  # every run checked first
-    return runs, hydra, output, combinations
+    configs = [load_config([*combination, f"output_dir={output / 'runs' / 'check'}"]) for combination in combinations]
+    fixed = [o.get_key_element() for o in overrides if not o.is_sweep_override()]
+    return Plan(runs, hydra, output, len(combinations), fixed, configs[0])
 
 
-def primary_config(first_run: list[str]) -> dict:
+def primary_config(first: DictConfig) -> dict:
     """The config Hydra applies each run's overrides to: the first run's resolved config (so Hydra knows
     every key), and Hydra's settings for a multirun of ``erasure.train``."""
-    config = OmegaConf.to_container(load_config(first_run))
+    config = OmegaConf.to_container(first)
     config.pop("sources")
     config["concept"] = None  # any form of concept (a word or a list) may be swept
+    config["output_dir"] = None  # each run's is its Hydra job folder
     config["hydra"] = {"callbacks": {"run_table": {"_target_": f"{__name__}.RunTable"}}, "output_subdir": None}
     return config
 
 
-def hydra_settings(runs: list[str], hydra: list[str], output: Path, count: int) -> list[str]:
-    """Hydra's overrides for a multirun of ``count`` runs into ``output``: run folders named by the swept keys
-    alone, the console left to :mod:`erasure.cli`, for Optuna the two objectives, and for local processes
-    the CPU cores shared out (``cpus_per_task``: cores / runs at a time, each run's torch threads)."""
-    fixed = [o.get_key_element() for o in parse(runs) if not o.is_sweep_override()]
+def hydra_settings(plan: Plan) -> list[str]:
+    """Hydra's overrides for the multirun: run folders named by the swept keys alone, the console left to
+    :mod:`erasure.cli`, for Optuna the two objectives, and for local processes the CPU cores shared out
+    (``cpus_per_task``: cores / runs at a time, each run's torch threads)."""
+    hydra, count = plan.hydra, plan.count
     given = {a.split("=", 1)[0]: a.split("=", 1)[-1] for a in hydra}
-    settings = [f"hydra.sweep.dir={output}", "hydra.sweep.subdir=runs/${hydra.job.override_dirname}",
-                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]",
+    settings = [f"hydra.sweep.dir={plan.output}", "hydra.sweep.subdir=runs/${hydra.job.override_dirname}",
+                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(plan.fixed_keys)}]",
                 *(s for s in QUIET_LOGGING if s.split("=")[0] not in given)]
     if given.get("hydra/launcher") in LOCAL_LAUNCHERS and "hydra.launcher.cpus_per_task" not in given:
         at_once = int(given.get("hydra.sweeper.max_batch_size", given.get("hydra.sweeper.n_jobs", count)))
@@ -153,19 +174,21 @@ def multirun(arguments: list[str]) -> Path:
     import hydra
     from hydra.core.config_store import ConfigStore
 
-    runs, hydra_arguments, output, combinations = plan(arguments)
-    ConfigStore.instance().store(name=PRIMARY, node=primary_config(combinations[0]))
-    settings = hydra_settings(runs, hydra_arguments, output, len(combinations))
-    check_hydra([*settings, *combinations[0]])
+    checked = plan(arguments)
+    output = checked.output
+    ConfigStore.instance().store(name=PRIMARY, node=primary_config(checked.first))
+    settings = hydra_settings(checked)
+    check_hydra(settings)
     log.info(f"multirun -> {output}")
     saved = sys.argv
-    sys.argv = ["erasure.train", "--multirun", *settings, *runs]
+    sys.argv = ["erasure.train", "--multirun", *settings, *checked.runs]
     try:
         hydra.main(version_base="1.3", config_path=None, config_name=PRIMARY)(run_job)()
     finally:
         sys.argv = saved
-    table = output / "multirun.csv"
-    rows = list(csv_rows(table)) if table.is_file() else []
+    table, rows = output / "multirun.csv", []
+    with contextlib.suppress(FileNotFoundError), open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
     failed = [row["run"] for row in rows if row.get("failed")]
     if not rows:
         raise SweepFailed(f"the multirun wrote no table ({table}); its errors are above")
@@ -182,13 +205,6 @@ def choices(group: str) -> list[str]:
 
     with initialize(version_base="1.3", config_path=None):
         return GlobalHydra.instance().config_loader().get_group_options(group)
-
-
-def csv_rows(path: Path):
-    import csv
-
-    with open(path, newline="") as handle:
-        yield from csv.DictReader(handle)
 
 
 def run_job(config: DictConfig) -> tuple[float, float]:

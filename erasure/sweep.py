@@ -12,7 +12,7 @@ from erasure import train
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
-    return train.main(["--multirun", *arguments] if arguments and "--help" not in arguments else arguments)
+    return train.main(["--multirun", *arguments] if arguments else arguments)
 
 
 if __name__ == "__main__":
