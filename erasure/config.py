@@ -82,6 +82,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 50
     logger: str = "csv"  # csv | tensorboard | wandb | mlflow (erasure.loggers)
     num_nodes: int = 1  # machines of a multi-node run (Lightning's launcher or SLURM starts one process per device)
+    step_in_backward: bool = True  # each tensor's optimizer update as its gradient completes (erasure.runs.StepInBackward)
 
 
 @dataclass

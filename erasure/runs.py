@@ -160,6 +160,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(Path(path), lambda staging: torch.save(checkpoint, staging))
 
 
+class StepInBackward(L.Callback):
+    """Adam's update of each trained tensor made as soon as its gradient is complete, during the backward
+    pass, and the gradient freed at once (PyTorch's "fusing the optimizer step into the backward pass"):
+    a step holds one tensor's gradient instead of all of them, a full-UNet run's gradients (3 GiB on
+    SD-1.5) never exist together.
+
+    The update is the optimizer's own, from its own state (one optimizer, one ``state_dict``: checkpoints
+    resume either way); Lightning's step that follows finds no gradient and does nothing. It applies where
+    that gives Lightning's update exactly: one optimizer, one process, automatic optimisation, no gradient
+    clipping, no gradient scaler; elsewhere the callback leaves the step to Lightning
+    (``trainer.step_in_backward=false`` always does)."""
+
+    def __init__(self) -> None:
+        self.handles: list = []
+
+    @staticmethod
+    def applies(trainer: L.Trainer, module: EraserModule) -> bool:
+        return (module.automatic_optimization and len(trainer.optimizers) == 1 and trainer.world_size == 1
+                and trainer.accumulate_grad_batches == 1 and trainer.gradient_clip_val is None
+                and getattr(trainer.precision_plugin, "scaler", None) is None)
+
+    def on_train_start(self, trainer: L.Trainer, module: EraserModule) -> None:
+        if not self.applies(trainer, module):
+            return
+        optimizer = trainer.optimizers[0]
+        group_of = {parameter: group for group in optimizer.param_groups for parameter in group["params"]}
+
+        def step(parameter: torch.Tensor) -> None:
+            groups = optimizer.param_groups
+            optimizer.param_groups = [{**group_of[parameter], "params": [parameter]}]  # this tensor alone
+            try:
+                optimizer.step()
+            finally:
+                optimizer.param_groups = groups
+            parameter.grad = None
+
+        self.handles = [parameter.register_post_accumulate_grad_hook(step) for parameter in group_of]
+
+    def on_train_end(self, trainer: L.Trainer, module: EraserModule) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 class CheckpointOnInterrupt(OnExceptionCheckpoint):
     """Lightning's exception checkpoint as ``checkpoints/last.ckpt``, with the command that resumes it."""
 
@@ -199,6 +243,7 @@ def train(config: DictConfig) -> Path:
         ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=0,
                         every_n_train_steps=config.trainer.checkpoint_every_n_steps),
         TQDMProgressBar(refresh_rate=5),
+        *([StepInBackward()] if config.trainer.step_in_backward else []),
     ]
     if evaluation is not None:
         callbacks.append(evaluation)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from erasure.methods.base import EraserModule
 from erasure.train import main
 from erasure.weights import load_delta
 
@@ -57,6 +58,24 @@ def test_resume_finishes_with_the_same_weights_as_an_uninterrupted_run(tmp_path)
     a, b = load_delta(straight / "erased" / "unet_delta.safetensors"), load_delta(interrupted / "erased" / "unet_delta.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
     assert torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_the_step_in_backward_gives_lightnings_update_and_holds_no_gradients_together(tmp_path, monkeypatch):
+    gradients_at_step = []  # trained tensors holding a gradient when Lightning's optimizer step comes
+    monkeypatch.setattr(EraserModule, "on_before_optimizer_step", lambda module, optimizer: gradients_at_step.append(
+        sum(p.grad is not None for p in module.trained.values())))
+    outputs = {}
+    for fused in (True, False):
+        outputs[fused] = tmp_path / str(fused)
+        assert main(["recipe=esd", "method.train_method=esd-u", "method.lr=1e-3", "trainer.max_steps=3",
+                     f"trainer.step_in_backward={str(fused).lower()}", f"output_dir={outputs[fused]}", *FAST]) == 0
+    assert gradients_at_step[:3] == [0, 0, 0] and len(gradients_at_step) == 6 and min(gradients_at_step[3:]) > 0
+    fused, lightning = (load_delta(outputs[f] / "erased" / "unet_delta.safetensors") for f in (True, False))
+    assert fused.keys() == lightning.keys() and all(torch.equal(fused[k], lightning[k]) for k in fused)
+    states = [torch.load(outputs[f] / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+              for f in (True, False)]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][i]["exp_avg_sq"], states[1][i]["exp_avg_sq"]) for i in states[1])
 
 
 @pytest.fixture(scope="module")
