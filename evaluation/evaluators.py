@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 
-
 class EvaluatorError(ValueError):
     """An evaluator that cannot be built: missing weights, unknown model or label."""
 
@@ -55,48 +54,75 @@ def _existing(path: str | Path | None, what: str, key: str) -> Path:
 # ----- CLIP ---------------------------------------------------------------------------------
 @dataclass
 class CLIPConfig:
-    model: str = "ViT-L-14"  # an open_clip architecture name
-    checkpoint: str | None = None  # local open_clip weights (.safetensors, or a state dict loaded weights_only)
+    model: str = "ViT-L-14"  # an open_clip architecture name (unused with a transformers CLIP folder)
+    checkpoint: str | None = None  # local open_clip weights (.safetensors, or a state dict loaded weights_only), or a
+    # transformers CLIP folder (config.json, weights, processor), e.g. the toy world's checkpoints/toyworld/clip
     template: str = "a photo of {concept}"
     threshold: float = 25.0  # 100 cos above which an image shows the concept (when contrast is empty)
     contrast: list[str] = field(default_factory=list)  # zero-shot alternatives, e.g. other concepts
 
 
 class CLIPEvaluator:
+    """CLIP's image and text towers, from open_clip weights or from a transformers ``CLIPModel`` folder."""
+
     def __init__(self, config: CLIPConfig):
         import open_clip
 
-        if config.model not in open_clip.list_models():
-            raise EvaluatorError(f"unknown open_clip model '{config.model}' for evaluation.clip.model; "
-                                 "see open_clip.list_models()")
         self.config = config
         self.checkpoint = _existing(config.checkpoint, "CLIP evaluator", "evaluation.clip.checkpoint")
-        self.name = f"open_clip {config.model} ({self.checkpoint.name}), 100·cos"
-        self._model  # loaded now: weights of another architecture are refused before anything runs
+        self.transformers = self.checkpoint.is_dir()
+        if not self.transformers and config.model not in open_clip.list_models():
+            raise EvaluatorError(f"unknown open_clip model '{config.model}' for evaluation.clip.model; "
+                                 "see open_clip.list_models()")
+        self.name = (f"CLIP {self.checkpoint} (transformers), 100·cos" if self.transformers
+                     else f"open_clip {config.model} ({self.checkpoint.name}), 100·cos")
+        self._towers  # loaded now: weights of another architecture are refused before anything runs
 
     @functools.cached_property
-    def _model(self):
+    def _towers(self):
+        """(embed images, embed texts): uint8 images (N, H, W, 3) or texts -> unnormalised embeddings."""
+        return self._transformers_towers() if self.transformers else self._open_clip_towers()
+
+    def _open_clip_towers(self):
         import open_clip
+        from PIL import Image
 
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(self.config.model, pretrained=str(self.checkpoint))
         except Exception as error:  # noqa: BLE001 - any unreadable or mismatched file: one line
             raise EvaluatorError(f"cannot load {self.checkpoint} as open_clip {self.config.model}: "
                                  f"{str(error).splitlines()[0]}; check evaluation.clip.model and checkpoint") from None
-        return model.eval(), preprocess, open_clip.get_tokenizer(self.config.model)
+        model, tokenizer = model.eval(), open_clip.get_tokenizer(self.config.model)
+        return (lambda images: model.encode_image(torch.stack([preprocess(Image.fromarray(i.numpy())) for i in images])),
+                lambda texts: model.encode_text(tokenizer(list(texts))))
+
+    def _transformers_towers(self):
+        from transformers import CLIPModel, CLIPProcessor
+
+        from erasure.bundle import quiet_loading
+
+        try:
+            with quiet_loading():
+                model, processor = CLIPModel.from_pretrained(self.checkpoint).eval(), CLIPProcessor.from_pretrained(self.checkpoint)
+        except Exception as error:  # noqa: BLE001 - any unreadable or foreign folder: one line
+            raise EvaluatorError(f"cannot load {self.checkpoint} as a transformers CLIP folder: "
+                                 f"{str(error).splitlines()[0]}; give a folder CLIPModel.save_pretrained wrote") from None
+
+        def projected(features) -> torch.Tensor:  # transformers 5 returns an output holding the projection
+            return getattr(features, "pooler_output", features)
+
+        return (lambda images: projected(model.get_image_features(
+                    **processor(images=list(images.numpy()), return_tensors="pt"))),
+                lambda texts: projected(model.get_text_features(
+                    **processor(text=list(texts), return_tensors="pt", padding=True, truncation=True))))
 
     @torch.no_grad()
     def _image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        from PIL import Image
-
-        model, preprocess, _ = self._model
-        batch = torch.stack([preprocess(Image.fromarray(image.numpy())) for image in images])
-        return torch.nn.functional.normalize(model.encode_image(batch).float(), dim=-1)
+        return torch.nn.functional.normalize(self._towers[0](images).float(), dim=-1)
 
     @torch.no_grad()
     def _text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
-        model, _, tokenizer = self._model
-        return torch.nn.functional.normalize(model.encode_text(tokenizer(list(texts))).float(), dim=-1)
+        return torch.nn.functional.normalize(self._towers[1](texts).float(), dim=-1)
 
     def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """CLIP score 100 cos(image_i, text_i) per image."""

@@ -95,7 +95,7 @@ def _pick(options, rng: np.random.Generator):
     return options[rng.integers(len(options))]
 
 
-def _allowed_absent(named: set[str], absent: str) -> bool:
+def allowed_absent(named: set[str], absent: str) -> bool:
     """An absence clause may not pair a named concept with an absent one in a held-out pair."""
     for concept in named:
         pair = {attribute_of(concept): concept, attribute_of(absent): absent}
@@ -140,7 +140,7 @@ def describe(scene: Scene, rng: np.random.Generator) -> Caption:
         attribute = _pick(open_attributes if informative else list(ATTRIBUTES), rng)
         candidates = [v for v in ATTRIBUTES[attribute]
                       if v != getattr(scene, attribute) and v not in caption.absent
-                      and _allowed_absent(caption.named, v)]
+                      and allowed_absent(caption.named, v)]
         if not candidates:
             break
         absent = _pick(candidates, rng)

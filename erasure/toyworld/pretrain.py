@@ -7,6 +7,8 @@
     python -m erasure.toyworld.pretrain --quick --output /tmp/toy   # smoke run, < 2 min
     python -m erasure.toyworld.pretrain --init checkpoints/toyworld-v1 --unet-steps 5000 --lr 5e-4 \
         --output checkpoints/toyworld        # continue a shipped model on today's caption grammar
+    python -m erasure.toyworld.pretrain --init checkpoints/toyworld --text-encoder checkpoints/toyworld/clip \
+        --unet-steps 4000 --work runs/pretrain-v3 --output runs/toyworld-v3   # v3: the UNet under the frozen toy CLIP
 
 Stages, each resumable (rerun the same command after an interruption):
 
@@ -16,7 +18,9 @@ Stages, each resumable (rerun the same command after an interruption):
                   noise, so that it reads generated images and not only clean renders.
 4. ``unet``       UNet2DConditionModel and CLIPTextModel trained jointly on the latents with
                   captions from the caption grammar (epsilon prediction, min-SNR-5 weighting,
-                  AdamW, cosine schedule, EMA).
+                  AdamW, cosine schedule, EMA); with ``--text-encoder`` the UNet alone, under the
+                  frozen text tower of a CLIP folder (:mod:`erasure.toyworld.clip`), as Stable
+                  Diffusion's UNet is trained under CLIP's.
 5. ``export``     the StableDiffusionPipeline folder ``<output>/sd`` and ``<output>/classifier``.
 
 ``family=flux`` trains the FLUX-format model instead (``architecture.make_flux_transformer``) and
@@ -175,20 +179,25 @@ class CaptionedLatents(Dataset):
 
 
 class TextToImageTraining(L.LightningModule):
-    """Joint training of the text encoder and the UNet with the epsilon objective,
-    weighted by min-SNR-gamma (Hang et al. 2023): w(t) = min(SNR(t), gamma) / SNR(t)."""
+    """The UNet trained with the epsilon objective, weighted by min-SNR-gamma (Hang et al. 2023):
+    w(t) = min(SNR(t), gamma) / SNR(t); jointly with its text encoder (toyworld v1, v2), or under a frozen
+    CLIP text tower as Stable Diffusion's (``frozen_text_encoder``: a CLIP folder, toyworld v3)."""
 
     def __init__(self, tokenizer, scaling_factor: float, total_steps: int, lr: float = 1e-3, snr_gamma: float = 5.0,
-                 init: Path | None = None):
+                 init: Path | None = None, frozen_text_encoder: Path | None = None):
         super().__init__()
         self.tokenizer = tokenizer
-        self.text_encoder = arch.make_text_encoder(
-            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-        )
+        if frozen_text_encoder is not None:
+            self.text_encoder = CLIPTextModel.from_pretrained(frozen_text_encoder).requires_grad_(False)
+        else:
+            self.text_encoder = arch.make_text_encoder(
+                len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+            )
         self.unet = arch.make_unet()
         if init is not None:  # continued pretraining: start from a saved pipeline's weights
             self.unet.load_state_dict(load_file(init / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
-            self.text_encoder.load_state_dict(load_file(init / "sd" / "text_encoder" / "model.safetensors"))
+            if frozen_text_encoder is None:
+                self.text_encoder.load_state_dict(load_file(init / "sd" / "text_encoder" / "model.safetensors"))
         self.scheduler = arch.make_train_scheduler()
         self.scaling_factor, self.total_steps, self.lr, self.snr_gamma = scaling_factor, total_steps, lr, snr_gamma
 
@@ -208,7 +217,7 @@ class TextToImageTraining(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        params = [p for p in [*self.unet.parameters(), *self.text_encoder.parameters()] if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
         return [optimizer], [{"scheduler": warmup_cosine(optimizer, self.total_steps), "interval": "step"}]
 
@@ -377,9 +386,10 @@ def fit_on_captions(module: L.LightningModule, data: dict[str, torch.Tensor], se
 
 
 def stage_unet(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor], tokenizer, scaling_factor: float,
-               lr: float, init: Path | None):
+               lr: float, init: Path | None, frozen_text_encoder: Path | None = None):
     done = work / "unet.safetensors"
-    module = TextToImageTraining(tokenizer, scaling_factor, budget.unet_steps, lr=lr, init=init)
+    module = TextToImageTraining(tokenizer, scaling_factor, budget.unet_steps, lr=lr, init=init,
+                                 frozen_text_encoder=frozen_text_encoder)
     if not done.exists():
         fit_on_captions(module, data, seed + 3, budget.unet_steps, work / "unet", budget)
         state = {f"unet.{k}": v for k, v in module.unet.state_dict().items()}
@@ -387,6 +397,8 @@ def stage_unet(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tens
         save_file(state, done)
     state = load_file(done)
     module.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    if frozen_text_encoder is not None:  # the CLIP's own tensors (EMA averages frozen ones too, to rounding)
+        return module.unet.eval(), CLIPTextModel.from_pretrained(frozen_text_encoder).eval()
     module.text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
     return module.unet.eval(), module.text_encoder.eval()
 
@@ -445,7 +457,8 @@ def pretrain_flux(output: Path, work: Path, budget: Budget, init: Path, seed: in
     print(f"[export] wrote {output / 'flux'} in {seconds} s")
 
 
-def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0, lr: float = 1e-3, init: Path | None = None) -> None:
+def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0, lr: float = 1e-3, init: Path | None = None,
+             frozen_text_encoder: Path | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     vae = stage_vae(budget, work, seed, init)
@@ -461,7 +474,7 @@ def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0, lr: float 
     }
     print(f"[classifier] held-out accuracy: {json.dumps(classifier_quality)}")
     tokenizer = shipped_or_new_tokenizer()
-    unet, text_encoder = stage_unet(budget, work, seed, data, tokenizer, scaling_factor, lr, init)
+    unet, text_encoder = stage_unet(budget, work, seed, data, tokenizer, scaling_factor, lr, init, frozen_text_encoder)
 
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=arch.make_sample_scheduler(),
@@ -472,6 +485,7 @@ def pretrain(output: Path, work: Path, budget: Budget, seed: int = 0, lr: float 
     with atomic_directory(output / "classifier") as folder:
         save_classifier(classifier, folder, {"held_out_accuracy": classifier_quality})
     record = {"budget": asdict(budget), "seed": seed, "lr": lr, "init": str(init) if init else None,
+              "frozen_text_encoder": str(frozen_text_encoder) if frozen_text_encoder else None,
               "seconds": round(time.time() - start, 1),
               "device": str(unet.device), "classifier_held_out_accuracy": classifier_quality}
     atomic_write_text(output / "pretrain.json", json.dumps(record, indent=2) + "\n")
@@ -491,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="UNet/flow-stage peak learning rate (1e-3 sd, 5e-4 flux)")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this model folder (holding sd/ and classifier/): keeps its VAE and classifier")
+    parser.add_argument("--text-encoder", type=Path, default=None,
+                        help="train the UNet under this CLIP folder's text tower, frozen (python -m erasure.toyworld.clip)")
     args = parser.parse_args(options_from_overrides(sys.argv[1:] if argv is None else argv))
     try:
         init = resolve_path(args.init) if args.init is not None else None
@@ -507,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
         lr = args.lr if args.lr is not None else 5e-4
         pretrain_flux(args.output, work, budget, init or resolve_path("checkpoints/toyworld"), args.seed, lr)
     else:
-        pretrain(args.output, work, budget, args.seed, args.lr if args.lr is not None else 1e-3, init)
+        pretrain(args.output, work, budget, args.seed, args.lr if args.lr is not None else 1e-3, init, args.text_encoder)
 
 
 def options_from_overrides(argv: list[str]) -> list[str]:

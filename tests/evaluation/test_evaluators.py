@@ -22,8 +22,10 @@ def images(toy_pipeline):
 def test_clip_score_is_100_cos_of_the_loaded_model(tiny_clip, images):
     evaluator = CLIPEvaluator(CLIPConfig(model="tiny-clip-test", checkpoint=str(tiny_clip)))
     texts = ["a red circle", "a blue star", "a dotted square"]
-    model, preprocess, tokenizer = evaluator._model
+    import open_clip
     from PIL import Image
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-clip-test", pretrained=str(tiny_clip))
+    tokenizer = open_clip.get_tokenizer("tiny-clip-test")
     with torch.no_grad():
         image = torch.nn.functional.normalize(model.encode_image(
             torch.stack([preprocess(Image.fromarray(i.numpy())) for i in images])), dim=-1)
@@ -34,6 +36,30 @@ def test_clip_score_is_100_cos_of_the_loaded_model(tiny_clip, images):
     assert evaluator.features(images).shape == (3, 32) and "tiny-clip-test" in evaluator.name
     contrast = CLIPEvaluator(CLIPConfig(model="tiny-clip-test", checkpoint=str(tiny_clip), contrast=["star", "square"]))
     assert contrast.sees(images, ["circle"] * 3).shape == (3,)
+
+
+def test_a_transformers_clip_folder_scores_100_cos_as_its_own_forward_does(tmp_path, images):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from erasure.toyworld import clip
+    from erasure.toyworld.tokenizer import shipped_or_new_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer, folder = shipped_or_new_tokenizer(), tmp_path / "clip"
+    clip.make_clip(tokenizer).save_pretrained(folder)
+    CLIPProcessor(image_processor=clip.image_processor(), tokenizer=tokenizer).save_pretrained(folder)
+    evaluator = CLIPEvaluator(CLIPConfig(checkpoint=str(folder), contrast=["star", "square"]))
+    texts = ["a red circle", "a blue star", "a dotted square"]
+    model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():  # CLIP's forward: logits_per_image = exp(logit_scale) cos(image, text)
+        output = model(**processor(text=texts, images=list(images.numpy()), return_tensors="pt", padding=True))
+    expected = 100 * output.logits_per_image.diagonal() / model.logit_scale.exp()
+    assert torch.allclose(evaluator.score(images, texts), expected, atol=1e-3)
+    assert "transformers" in evaluator.name and evaluator.sees(images, ["circle"] * 3).shape == (3,)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text("{}")
+    with pytest.raises(EvaluatorError, match="cannot load .* as a transformers CLIP folder"):
+        CLIPEvaluator(CLIPConfig(checkpoint=str(tmp_path / "foreign")))
 
 
 def test_clip_errors(tmp_path, tiny_clip):
