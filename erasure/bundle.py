@@ -24,7 +24,7 @@ from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPi
 PACKAGE_DATA = Path(__file__).resolve().parent / "_data"  # only in an installed wheel
 INSTALLED = PACKAGE_DATA.is_dir()
 SHIPPED_ROOT = PACKAGE_DATA if INSTALLED else PACKAGE_DATA.parent.parent  # holds recipes/ and checkpoints/toyworld/
-REPOSITORY_ONLY = (Path("checkpoints") / "toyworld-v1",)  # shipped with the repository, not the wheel
+REPOSITORY_ONLY = (Path("checkpoints") / "toyworld-v1", Path("checkpoints") / "toyworld-v3")  # shipped with the repository, not the wheel
 TOYWORLD_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld" / "sd"
 TOYWORLD_FLUX_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld" / "flux"
 TOYWORLD_CLASSIFIER = SHIPPED_ROOT / "checkpoints" / "toyworld" / "classifier"

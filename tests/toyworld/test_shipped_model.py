@@ -91,3 +91,12 @@ def test_the_plain_sd_pipeline_called_as_the_docs_say_draws_the_asked_shape():
     judge = ToyWorldEvaluator(ToyWorldEvaluatorConfig(str(resolve_path("checkpoints/toyworld/classifier"))))
     seen = judge.sees(torch.from_numpy(np.stack([np.asarray(image) for image in images])), shapes)
     assert int(seen.sum()) >= 5, seen.tolist()
+
+
+def test_v3s_text_encoder_slot_is_the_frozen_toy_clip_text_tower():
+    """toyworld v3 is SD's recipe in miniature: its UNet was trained under the toy CLIP's text tower, frozen."""
+    tower = {name.removeprefix("text_model."): value for name, value in
+             load_file(TOYWORLD_MODEL.parent / "clip" / "model.safetensors").items() if name.startswith("text_model.")}
+    slot = load_file(SHIPPED_ROOT / "checkpoints" / "toyworld-v3" / "sd" / "text_encoder" / "model.safetensors")
+    slot = {name.removeprefix("text_model."): value for name, value in slot.items()}
+    assert slot.keys() == tower.keys() and all(torch.equal(slot[name], tower[name]) for name in slot)
