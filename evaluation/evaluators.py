@@ -52,6 +52,12 @@ def _existing(path: str | Path | None, what: str, key: str) -> Path:
 
 
 # ----- CLIP ---------------------------------------------------------------------------------
+def projection(features) -> torch.Tensor:
+    """What a transformers ``CLIPModel``'s ``get_image_features`` / ``get_text_features`` return: the
+    projected embedding (a tensor; in transformers 5 an output whose ``pooler_output`` is the projection)."""
+    return getattr(features, "pooler_output", features)
+
+
 @dataclass
 class CLIPConfig:
     model: str = "ViT-L-14"  # an open_clip architecture name (unused with a transformers CLIP folder)
@@ -108,12 +114,9 @@ class CLIPEvaluator:
             raise EvaluatorError(f"cannot load {self.checkpoint} as a transformers CLIP folder: "
                                  f"{str(error).splitlines()[0]}; give a folder CLIPModel.save_pretrained wrote") from None
 
-        def projected(features) -> torch.Tensor:  # transformers 5 returns an output holding the projection
-            return getattr(features, "pooler_output", features)
-
-        return (lambda images: projected(model.get_image_features(
+        return (lambda images: projection(model.get_image_features(
                     **processor(images=list(images.numpy()), return_tensors="pt"))),
-                lambda texts: projected(model.get_text_features(
+                lambda texts: projection(model.get_text_features(
                     **processor(text=list(texts), return_tensors="pt", padding=True, truncation=True))))
 
     @torch.no_grad()

@@ -47,14 +47,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+from erasure.bundle import resolve_path
 from erasure.generation import to_unit_range
 from erasure.io import atomic_directory, atomic_write_text
 from erasure.toyworld import architecture as arch
 from erasure.toyworld.captions import (
     HELD_OUT_PAIRS, SUFFIX_ABSENCES, Caption, allowed_absent, absence_clause, describe,
 )
+from erasure.toyworld.pretrain import (
+    QUICK, Budget, ClassifierData, fit, scene_of, stage_dataset, stage_vae, warmup_cosine,
+)
 from erasure.toyworld.tokenizer import shipped_or_new_tokenizer
-from erasure.toyworld.world import ATTRIBUTES, COLORS, SHAPES, STYLES, WORDS, Scene
+from erasure.toyworld.world import ATTRIBUTES, COLORS, SHAPES, WORDS, Scene
+from evaluation.evaluators import projection
 
 CLIP_FOLDER = "clip"  # beside sd/ and classifier/ in a toy-world model folder
 
@@ -88,13 +93,6 @@ def image_processor() -> CLIPImageProcessor:
 
 
 # ----- captions and their truth ---------------------------------------------------------------------
-def scene_of(label: torch.Tensor) -> Scene:
-    """A scene carrying a label row's attributes (all a caption needs)."""
-    shape, color, style = (ATTRIBUTES[name][int(v)] for name, v in zip(ATTRIBUTES, label))
-    return Scene(shape, color, style, center=(0, 0), radius=0, rotation=0, rgb=(0, 0, 0), background=(0, 0, 0),
-                 pattern_angle=0, pattern_phase=(0, 0))
-
-
 def holds(caption: Caption, scene: Scene) -> bool:
     """Whether a caption is true of a scene: everything it names is there, nothing it calls absent is."""
     present = {scene.shape, scene.color, scene.style}
@@ -176,16 +174,13 @@ class ContrastiveTraining(L.LightningModule):
             self.clip.logit_scale.clamp_(0, np.log(100))
 
     def configure_optimizers(self):
-        from erasure.toyworld.pretrain import warmup_cosine
-
         optimizer = torch.optim.AdamW(self.clip.parameters(), lr=self.lr, weight_decay=0.1)
         return [optimizer], [{"scheduler": warmup_cosine(optimizer, self.total_steps), "interval": "step"}]
 
 
 def embedded(features) -> torch.Tensor:
-    """The L2-normalised projection of ``get_text_features`` / ``get_image_features`` (a tensor, or in
-    transformers 5 an output whose ``pooler_output`` is the projection)."""
-    return F.normalize(getattr(features, "pooler_output", features), dim=-1)
+    """The L2-normalised projection of ``get_text_features`` / ``get_image_features``."""
+    return F.normalize(projection(features), dim=-1)
 
 
 # ----- measurement -----------------------------------------------------------------------------------
@@ -207,26 +202,25 @@ ZERO_SHOT = {"shape": "a {}", "color": "a {} shape", "style": "a {} shape"}
 
 
 def zero_shot(clip: CLIPModel, tokenizer, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy of choosing each attribute's value by the nearest prompt (``ZERO_SHOT``)."""
-    embedded = image_embeddings(clip, images)
+    """Accuracy of choosing each attribute's value by the nearest prompt (``ZERO_SHOT``); ``images``:
+    normalised image embeddings."""
     result = {}
     for k, (name, template) in enumerate(ZERO_SHOT.items()):
         prompts = text_embeddings(clip, tokenizer, [template.format(WORDS[v]) for v in ATTRIBUTES[name]])
-        result[name] = float(((embedded @ prompts.T).argmax(1) == labels[:, k]).float().mean())
+        result[name] = float(((images @ prompts.T).argmax(1) == labels[:, k]).float().mean())
     return result
 
 
 def negation_retrieval(clip: CLIPModel, tokenizer, images: torch.Tensor, labels: torch.Tensor,
                        pairs: tuple[tuple[str, str], ...] = HELD_OUT_PAIRS) -> dict[str, float]:
-    """For every (shape s, colour c) of ``pairs`` and every image of colour c: is "a {c} {s}" nearer than
-    "a {c} shape without any {s}" exactly when the image shows s? Accuracy on images with s, without s,
-    and their mean (chance 0.5)."""
-    embedded = image_embeddings(clip, images)
+    """For every (shape s, colour c) of ``pairs`` and every image of colour c (``images``: normalised image
+    embeddings): is "a {c} {s}" nearer than "a {c} shape without any {s}" exactly when the image shows s?
+    Accuracy on images with s, without s, and their mean (chance 0.5)."""
     with_shape, without_shape = [], []
     for shape, color in pairs:
         rows = labels[:, 1] == COLORS.index(color)
         naming, negated = text_embeddings(clip, tokenizer, [f"a {color} {shape}", f"a {color} shape without any {shape}"])
-        prefers_naming = (embedded[rows] @ naming) > (embedded[rows] @ negated)
+        prefers_naming = (images[rows] @ naming) > (images[rows] @ negated)
         shows = labels[rows, 0] == SHAPES.index(shape)
         with_shape.append(prefers_naming[shows])
         without_shape.append(~prefers_naming[~shows])
@@ -239,18 +233,18 @@ def measure(clip: CLIPModel, tokenizer, data: dict[str, torch.Tensor], held_out_
     """Zero-shot and negation-retrieval accuracies on the held-out renders and reconstructions."""
     labels = data["labels"][held_out_from:]
     seen_pairs = tuple((s, c) for s in SHAPES for c in COLORS if (s, c) not in HELD_OUT_PAIRS)
-    return {source: {"zero_shot": zero_shot(clip, tokenizer, data[key][held_out_from:], labels),
-                     "negation_held_out_pairs": negation_retrieval(clip, tokenizer, data[key][held_out_from:], labels),
-                     "negation_seen_pairs": negation_retrieval(clip, tokenizer, data[key][held_out_from:], labels,
-                                                               seen_pairs)}
-            for source, key in (("renders", "renders"), ("vae_reconstructions", "reconstructions"))}
+    report = {}
+    for source, key in (("renders", "renders"), ("vae_reconstructions", "reconstructions")):
+        images = image_embeddings(clip, data[key][held_out_from:])
+        report[source] = {"zero_shot": zero_shot(clip, tokenizer, images, labels),
+                          "negation_held_out_pairs": negation_retrieval(clip, tokenizer, images, labels),
+                          "negation_seen_pairs": negation_retrieval(clip, tokenizer, images, labels, seen_pairs)}
+    return report
 
 
 # ----- the stage -------------------------------------------------------------------------------------
 def train_clip(output: Path, work: Path, budget: ClipBudget, data: dict[str, torch.Tensor], seed: int = 0) -> dict:
     """Train (resuming from ``work/clip/last.ckpt``), measure and write ``output/clip``; returns the record."""
-    from erasure.toyworld.pretrain import ClassifierData, fit
-
     start = time.time()
     tokenizer = shipped_or_new_tokenizer()
     held_out_from = int(0.9 * len(data["labels"]))
@@ -273,9 +267,6 @@ def train_clip(output: Path, work: Path, budget: ClipBudget, data: dict[str, tor
 
 
 def main(argv: list[str] | None = None) -> None:
-    from erasure.bundle import resolve_path
-    from erasure.toyworld.pretrain import QUICK, Budget, stage_dataset, stage_vae
-
     parser = argparse.ArgumentParser(prog="python -m erasure.toyworld.clip", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("checkpoints/toyworld"), help="the clip folder goes here")
     parser.add_argument("--init", type=Path, default=Path("checkpoints/toyworld"),

@@ -337,14 +337,16 @@ def stage_dataset(budget: Budget, work: Path, seed: int, vae) -> dict[str, torch
     return load_file(done)
 
 
+def scene_of(label: torch.Tensor) -> Scene:
+    """A scene carrying a label row's attributes (all a caption needs)."""
+    shape, color, style = (ATTRIBUTES[name][int(v)] for name, v in zip(ATTRIBUTES, label))
+    return Scene(shape, color, style, center=(0, 0), radius=0, rotation=0, rgb=(0, 0, 0), background=(0, 0, 0),
+                 pattern_angle=0, pattern_phase=(0, 0))
+
+
 def scenes_of(data: dict[str, torch.Tensor]) -> list[Scene]:
-    """Scenes carrying the labelled attributes (all a caption needs) of the dataset."""
-    names = list(ATTRIBUTES)
-    return [
-        Scene(**{n: ATTRIBUTES[n][v] for n, v in zip(names, row)}, center=(0, 0), radius=0, rotation=0, rgb=(0, 0, 0),
-              background=(0, 0, 0), pattern_angle=0, pattern_phase=(0, 0))
-        for row in data["labels"].tolist()
-    ]
+    """The scenes of the dataset's label rows."""
+    return [scene_of(row) for row in data["labels"]]
 
 
 def stage_classifier(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor],

@@ -27,7 +27,7 @@ def test_hard_negatives_are_false_of_their_scene_and_keep_held_out_pairs_out_of_
 
 
 def test_truth_is_what_is_named_and_what_is_absent():
-    scene = clip.scene_of(torch.tensor([0, 0, 1]))  # a red striped circle
+    scene = pretrain.scene_of(torch.tensor([0, 0, 1]))  # a red striped circle
     captions = [clip.Caption("a red circle", {"red", "circle"}), clip.Caption("a red shape without any circle", {"red"}, {"circle"}),
                 clip.Caption("a red shape without any square", {"red"}, {"square"}), clip.Caption("a blue circle", {"blue", "circle"})]
     assert [clip.holds(c, scene) for c in captions] == [True, False, True, False]
