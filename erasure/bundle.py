@@ -24,12 +24,13 @@ from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPi
 PACKAGE_DATA = Path(__file__).resolve().parent / "_data"  # only in an installed wheel
 INSTALLED = PACKAGE_DATA.is_dir()
 SHIPPED_ROOT = PACKAGE_DATA if INSTALLED else PACKAGE_DATA.parent.parent  # holds recipes/ and checkpoints/toyworld/
-REPOSITORY_ONLY = (Path("checkpoints") / "toyworld-v1", Path("checkpoints") / "toyworld-v3")  # shipped with the repository, not the wheel
+REPOSITORY_ONLY = (Path("checkpoints") / "toyworld-v1", Path("checkpoints") / "toyworld-v2")  # shipped with the repository, not the wheel
 TOYWORLD_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld" / "sd"
 TOYWORLD_FLUX_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld" / "flux"
 TOYWORLD_CLASSIFIER = SHIPPED_ROOT / "checkpoints" / "toyworld" / "classifier"
 # model=<name> on the command line: the shipped models by name (any other value is a folder or hub id)
-SHIPPED_MODELS = {"toyworld": "checkpoints/toyworld/sd", "toyworld-flux": "checkpoints/toyworld/flux"}
+SHIPPED_MODELS = {"toyworld": "checkpoints/toyworld/sd", "toyworld-flux": "checkpoints/toyworld/flux",
+                  "toyworld-v2": "checkpoints/toyworld-v2/sd", "toyworld-v1": "checkpoints/toyworld-v1/sd"}
 PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline)}
 REQUIRED_COMPONENTS = {
     "StableDiffusionPipeline": ("tokenizer", "text_encoder", "unet", "vae", "scheduler"),

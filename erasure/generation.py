@@ -73,11 +73,13 @@ def generate(
     progress: bool = False,
     resolution: int | None = None,
     guidance: Guidance | None = None,
+    prompt_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate one image per (prompt, seed) pair; returns uint8 images (N, H, W, 3).
 
     ``resolution`` (pixels) defaults to the model's native size; ``guidance`` replaces
-    classifier-free guidance (None: the pipeline call itself).
+    classifier-free guidance (None: the pipeline call itself). ``prompt_embeds`` (SD-1.x/2.x: N text-encoder
+    states) are the conditioning in place of the encoded prompts, which then only count the images.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
@@ -86,6 +88,9 @@ def generate(
     family = family_of(pipeline, resolution)
     if guidance is not None and not isinstance(family, StableDiffusion):
         raise ValueError(f"a guidance replacement runs the SD-1.x/2.x loop; this is a {family.name} pipeline")
+    if prompt_embeds is not None and (guidance is not None or not isinstance(family, StableDiffusion)
+                                      or len(prompt_embeds) != len(prompts)):
+        raise ValueError("prompt_embeds take one row per prompt, on an SD-1.x/2.x pipeline, without a guidance replacement")
     use_ddim(pipeline)
     device = family.denoiser.device
     images = []
@@ -95,8 +100,10 @@ def generate(
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds[start:stop]]
         negatives = None if negative_prompts is None else list(negative_prompts[start:stop])
         if guidance is None:
+            text = ({"prompt": list(prompts[start:stop])} if prompt_embeds is None
+                    else {"prompt_embeds": prompt_embeds[start:stop]})
             output = pipeline(
-                prompt=list(prompts[start:stop]), **family.call_arguments(sampler, negatives, len(generators)),
+                **text, **family.call_arguments(sampler, negatives, len(generators)),
                 generator=generators, output_type="np", height=family.resolution, width=family.resolution,
             ).images
         else:

@@ -193,6 +193,22 @@ def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict,
            "step; AUC over the normalised step axis; delta = AUC minus the plain prompt's on the base model.", "",
            markdown_table(analysis["auc"], ["concept", "curve", "auc", "delta_auc"]), "",
            *[f"![attention {c}]({chart})" for c, chart in analysis["charts"].items()], ""] if analysis["auc"] else []),
+        *(["## Token ablation and image-text similarity: does the generator follow the instruction?", "",
+           "Share of images (one seed per prompt) in which the judge sees the concept, 95% Wilson intervals, on prompts "
+           "naming the concept and on incidental prompts that do not; each instruction template as written, with the "
+           "concept's word removed from the instruction, and with every concept token's text state replaced by the empty "
+           "prompt's; then each weight eraser on the plain prompts. clip_score_to_concept: mean 100 cos(image, "
+           "\"a <concept>\"), delta to the plain prompt's.", "",
+           markdown_table(analysis["probes"], ["concept", "suite", "condition", "shows_concept", "shows_concept_ci95",
+                                               "clip_score_to_concept", "delta_clip_score"]), ""]
+          if analysis["probes"] else []),
+        *(["## Instruction retrieval: does the text encoder understand the instruction?", "",
+           "Pairs of renders equal but for the concept (with it / without it): the share of pairs in which CLIP's "
+           "text embedding of each text is nearer the image without the concept (0.5: it cannot tell; near 0: it "
+           "asks for the concept; near 1: it excludes it).", "",
+           markdown_table(analysis["retrieval"], ["concept", "text", "prompts", "prefers_without_concept",
+                                                  "prefers_without_concept_ci95", "example"]), ""]
+          if analysis["retrieval"] else []),
         *[f"- {reason}" for reason in analysis["skipped"]], "",
         "## Samples", "", "Rows: methods; columns: prompts (target then retained), one seed each.", "",
         "![grid](grid.png)", "",

@@ -146,6 +146,9 @@ class CLIPEvaluator:
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self._image_embeddings(images)
 
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        return self._text_embeddings(texts)
+
 
 # ----- NudeNet ------------------------------------------------------------------------------
 # NudeNet 3.x's exposed-body-part classes, all reported per class (as ESD's nudity table); an image counts

@@ -198,9 +198,10 @@ def test_the_main_job_ends_with_its_metrics_table_and_shows_no_library_warning(t
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1] == f"report: {output / 'report.md'}"
-    table = lines[-6:-1]
+    table = lines[-7:-1]
     assert table[0].split() == ["before", "after"] and table[1].startswith("efficacy/target_acc")
     assert all("[" in row for row in table[1:4])  # accuracies with their 95% intervals
+    assert table[4].startswith("fidelity/kid") and table[5].startswith("alignment/clip_score")  # the toy CLIP's
     noise = [line for line in done.stderr.replace("\r", "\n").splitlines()
              if line.strip() and "it/s" not in line and "s/it" not in line]
     assert not noise, noise

@@ -189,6 +189,8 @@ class TextToImageTraining(L.LightningModule):
         self.tokenizer = tokenizer
         if frozen_text_encoder is not None:
             self.text_encoder = CLIPTextModel.from_pretrained(frozen_text_encoder).requires_grad_(False)
+        elif init is not None:  # continued pretraining: the saved text encoder, whatever its depth (v3's has 4 layers)
+            self.text_encoder = CLIPTextModel.from_pretrained(init / "sd" / "text_encoder")
         else:
             self.text_encoder = arch.make_text_encoder(
                 len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -196,8 +198,6 @@ class TextToImageTraining(L.LightningModule):
         self.unet = arch.make_unet()
         if init is not None:  # continued pretraining: start from a saved pipeline's weights
             self.unet.load_state_dict(load_file(init / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
-            if frozen_text_encoder is None:
-                self.text_encoder.load_state_dict(load_file(init / "sd" / "text_encoder" / "model.safetensors"))
         self.scheduler = arch.make_train_scheduler()
         self.scaling_factor, self.total_steps, self.lr, self.snr_gamma = scaling_factor, total_steps, lr, snr_gamma
 

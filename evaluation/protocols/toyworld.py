@@ -120,7 +120,8 @@ class ToyWorld(Protocol):
     summary = "the embedded toy world: generated suites, the shipped shape/colour/style classifier"
     defaults = {
         "concept": "circle",
-        "evaluation": {"evaluator": "toyworld", "steps": 25, "guidance": 6.0, "images_per_prompt": 3},
+        "evaluation": {"evaluator": "toyworld", "steps": 25, "guidance": 6.0, "images_per_prompt": 3,
+                       "clip": {"checkpoint": "checkpoints/toyworld/clip"}},  # the toy CLIP gives the CLIP score
     }
     # What the toy world tells a method (measured choices, see README): its prompts name a concept as
     # "a circle"; an ablation anchor of the erased concept's attribute ("square", outlines spelt as the

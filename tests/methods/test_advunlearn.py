@@ -59,6 +59,7 @@ def test_the_inner_attack_lowers_its_loss():
     """The attack's loss on fixed draws of (x_t, t), before and after its steps (each step draws its own x_t,
     as the reference code does, so the loss per step mostly follows the drawn timestep)."""
     module = make(attack_step=12, attack_lr=1e-2, adv_prompt_num=2, batch_size=4, attack_init="latest")  # from start
+    torch.manual_seed(0)  # the perturbation's draw, whatever ran before
     perturb(module)  # a changed model: the attack has something to recover
     generator = torch.Generator().manual_seed(0)
     module.adversarial_tokens = start = module.random_tokens(generator)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from erasure.bundle import TOYWORLD_MODEL, load_pipeline
+from erasure.bundle import SHIPPED_ROOT, load_pipeline
 from erasure.config import load_config
 from erasure.generation import Sampler
 from erasure.methods.rece import RECE, RECEConfig, Validation, adversarial_keys, regeneration_residual
@@ -14,14 +14,18 @@ from tests.methods import assert_bad_setting
 from erasure.weights import DELTA_FILE, load_delta
 
 # the toy world's UCE phrasing with a small preserve set; the last word token as the key
+V2_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld-v2" / "sd"
 UCE_TOY = {"prompt_template": "a {concept}", "guide": ["a shape"], "preserve": ["square", "star"], "token_mode": "last"}
 TOY = {**UCE_TOY, "reedit_token_mode": "last"}  # RECE's c', its guide and re-edit preserve keys at the same token
 
 
 @pytest.fixture(scope="module")
 def pipeline():
-    """A pipeline of this file's own: the edits below write into its weights (each test restores them)."""
-    return load_pipeline(TOYWORLD_MODEL)
+    """A pipeline of this file's own: the edits below write into its weights (each test restores them). Toyworld v2:
+    its keys of "a circle" and "a shape" lie far apart (UCE's edit moves the concept's values by more than 0.9 of
+    their norm), so a regenerating c' is told apart from the concept; under v3's CLIP text tower every "a <shape>"
+    key lies within 0.17 of the others, where these tests' contrasts vanish."""
+    return load_pipeline(V2_MODEL)
 
 
 def edited_weights(module: UCE) -> dict[str, torch.Tensor]:

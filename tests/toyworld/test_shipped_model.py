@@ -1,8 +1,9 @@
-"""The shipped toy-world model has learned the instruction language (caption grammar v2).
+"""The shipped toy-world models: v3 reads the frozen toy CLIP's text tower, as SD reads CLIP's; v2 (its
+UNet's starting point) learned the instruction language (caption grammar v2) in its own text encoder.
 
 ``checkpoints/toyworld-v1`` is the first model, pretrained on captions without instruction words;
-the shipped model continued its pretraining on today's grammar, so v1's token-embedding table is
-the starting point of every row of the shipped one.
+v2 continued its pretraining on today's grammar, so v1's token-embedding table is the starting point
+of every row of v2's.
 """
 
 import torch
@@ -13,6 +14,7 @@ from erasure.bundle import SHIPPED_ROOT, TOYWORLD_MODEL
 from erasure.methods.instruction import InstructionConfig
 
 V1_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld-v1" / "sd"
+V2_MODEL = SHIPPED_ROOT / "checkpoints" / "toyworld-v2" / "sd"
 EMBEDDING = "embeddings.token_embedding.weight"
 # every word of the instruction baseline's templates and of the captions' absence and request phrases
 INSTRUCTION_WORDS = sorted(
@@ -27,11 +29,11 @@ def token_embeddings(model) -> torch.Tensor:
 
 
 def relative_change(ids: list[int]) -> torch.Tensor:
-    start, shipped = token_embeddings(V1_MODEL)[ids], token_embeddings(TOYWORLD_MODEL)[ids]
-    return (shipped - start).norm(dim=1) / start.norm(dim=1)
+    start, v2 = token_embeddings(V1_MODEL)[ids], token_embeddings(V2_MODEL)[ids]
+    return (v2 - start).norm(dim=1) / start.norm(dim=1)
 
 
-def test_every_instruction_word_moved_from_its_initial_embedding():
+def test_every_instruction_word_moved_from_its_initial_embedding_in_v2():
     tokenizer = CLIPTokenizer.from_pretrained(TOYWORLD_MODEL / "tokenizer")
     words = INSTRUCTION_WORDS
     assert {"please", "forget", "without", "any", "generate", "help", "draw", "shape"} <= set(words)
@@ -44,9 +46,9 @@ def test_every_instruction_word_moved_from_its_initial_embedding():
     assert (change > 5 * decay_only.max()).all(), {w: round(float(c), 3) for w, c in zip(words, change)}
 
 
-def test_instruction_words_left_the_random_initialisation_norm():
+def test_instruction_words_left_the_random_initialisation_norm_in_v2():
     tokenizer = CLIPTokenizer.from_pretrained(TOYWORLD_MODEL / "tokenizer")
-    table = token_embeddings(TOYWORLD_MODEL)
+    table = token_embeddings(V2_MODEL)
     instruction = table[tokenizer.convert_tokens_to_ids([w + "</w>" for w in ("please", "forget", "without", "any",
                                                                               "draw", "help", "generate", "shape")])]
     untouched = table[tokenizer.convert_tokens_to_ids(["q</w>", "z</w>", "x</w>", "j</w>"])]
@@ -93,10 +95,11 @@ def test_the_plain_sd_pipeline_called_as_the_docs_say_draws_the_asked_shape():
     assert int(seen.sum()) >= 5, seen.tolist()
 
 
-def test_v3s_text_encoder_slot_is_the_frozen_toy_clip_text_tower():
-    """toyworld v3 is SD's recipe in miniature: its UNet was trained under the toy CLIP's text tower, frozen."""
+def test_the_shipped_models_text_encoder_slot_is_the_frozen_toy_clip_text_tower():
+    """The shipped model (toyworld v3) is SD's recipe in miniature: its UNet was trained under the toy CLIP's
+    text tower, frozen."""
     tower = {name.removeprefix("text_model."): value for name, value in
              load_file(TOYWORLD_MODEL.parent / "clip" / "model.safetensors").items() if name.startswith("text_model.")}
-    slot = load_file(SHIPPED_ROOT / "checkpoints" / "toyworld-v3" / "sd" / "text_encoder" / "model.safetensors")
+    slot = load_file(TOYWORLD_MODEL / "text_encoder" / "model.safetensors")
     slot = {name.removeprefix("text_model."): value for name, value in slot.items()}
     assert slot.keys() == tower.keys() and all(torch.equal(slot[name], tower[name]) for name in slot)
