@@ -102,6 +102,8 @@ class EvaluationConfig:
     fidelity_csv: str | None = None
     incidental_csv: str | None = None  # prompts that do not name the concept but may produce it
     incidental: bool = False  # protocol toyworld: generate the incidental suite ("a red shape" for circle)
+    compounds: int = 10  # protocol mass: how many compounds are drawn when no concept is named
+    compound_seed: int = 0  # protocol mass: the draw's seed
     prompts_csv: str | None = None  # protocol artists: every artist's prompts
     classes: list[str] = field(default_factory=list)  # protocol objects: the classes
     prompt_template: str = "{concept}"  # protocol objects: the prompt of a class

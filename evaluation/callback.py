@@ -19,7 +19,9 @@ from erasure.generation import Sampler
 from erasure.io import atomic_write_text
 from erasure.loggers import log_image
 from evaluation.evaluators import Evaluator, has_features
-from evaluation.metrics import CLIP_SCORE, KID, SUITE_METRICS, accuracy_with_interval, kid
+from evaluation.metrics import (
+    CLIP_SCORE, HARMONIC_MEAN, KEPT_SUITES, KID, SUITE_METRICS, accuracy_with_interval, harmonic_mean, kid,
+)
 from evaluation.report import comparison_grid, write_report
 from evaluation.suites import Prompt, write_csv
 
@@ -91,8 +93,13 @@ class EvaluationCallback(L.Callback):
                                                               f"{name}/{concept}"))
                 if suite == "target" and hasattr(evaluator, "details"):
                     metrics.update({f"{name}/{k}": v for k, v in evaluator.details(images[suite]).items()})
-        # fidelity: the unlabelled fidelity suite when there is one, else the retained suite
-        fidelity = next((s for s in ("fidelity", "retained") if s in images), None)
+        kept = [suite for suite in KEPT_SUITES if suite in images]
+        if evaluator is not None and "target" in images and {"neighbour", "distant"} & set(images):  # mass: MACE's H
+            seen = torch.cat([evaluator.sees(images[suite], self._rows(suite)[2]) for suite in kept])
+            erased = [1 - metrics[SUITE_METRICS[suite]] for suite in ("target", "synonym") if suite in images]
+            metrics[HARMONIC_MEAN] = round(harmonic_mean([*erased, float(seen.float().mean())]), 4)
+        # fidelity: the unlabelled fidelity suite when there is one, else the kept images
+        fidelity = next((s for s in ("fidelity", *KEPT_SUITES) if s in images), None)
         if fidelity and self.scorer is not None:
             prompts = self._rows(fidelity)[0]
             metrics[CLIP_SCORE] = round(float(self.scorer.score(images[fidelity], prompts).mean()), 3)

@@ -32,7 +32,10 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from evaluation.evaluators import Evaluator
 
 SUITE_METRICS = {"target": "efficacy/target_acc", "synonym": "generality/synonym_acc",
-                 "retained": "specificity/retained_acc", "incidental": "efficacy/incidental_acc"}
+                 "retained": "specificity/retained_acc", "incidental": "efficacy/incidental_acc",
+                 "neighbour": "specificity/neighbour_acc", "distant": "specificity/distant_acc"}
+KEPT_SUITES = ("retained", "neighbour", "distant")  # whose images should show their concept
+HARMONIC_MEAN = "summary/harmonic_mean"
 KID = "fidelity/kid"
 CLIP_SCORE = "alignment/clip_score"
 INTERVAL = "_ci95"
@@ -91,6 +94,11 @@ def accuracy_with_interval(evaluator: Evaluator, images: torch.Tensor, concepts:
                            name: str) -> dict[str, float | list[float]]:
     """``{name: share, name_ci95: [low, high]}`` of images in which the evaluator sees their concept."""
     return share_with_interval(evaluator.sees(images, concepts), name)
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """n / sum 1/v (0 when a value is 0): MACE's summary H of efficacy, generality and specificity."""
+    return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
 def share_with_interval(successes: torch.Tensor | Sequence[bool], name: str) -> dict[str, float | list[float]]:

@@ -8,10 +8,11 @@ from erasure.methods.esd import ESD
 from erasure.methods.instruction import Instruction
 from erasure.methods.rece import RECE
 from erasure.methods.sld import SLD
+from erasure.methods.speed import SPEED
 from erasure.methods.uce import UCE
 from erasure.plugins import plugins
 
-METHODS: dict[str, type[EraserModule]] = {cls.name: cls for cls in (ESD, Ablation, UCE, Instruction, SLD, RECE, AdvUnlearn)}
+METHODS: dict[str, type[EraserModule]] = {cls.name: cls for cls in (ESD, Ablation, UCE, Instruction, SLD, RECE, AdvUnlearn, SPEED)}
 METHODS |= plugins("erasure.methods", METHODS)
 
 __all__ = ["METHODS", "EraserModule", "MethodConfig"]

@@ -7,8 +7,8 @@
     python -m erasure.toyworld.pretrain --quick --output /tmp/toy   # smoke run, < 2 min
     python -m erasure.toyworld.pretrain --init checkpoints/toyworld-v1 --unet-steps 5000 --lr 5e-4 \
         --output checkpoints/toyworld        # continue a shipped model on today's caption grammar
-    python -m erasure.toyworld.pretrain --init checkpoints/toyworld --text-encoder checkpoints/toyworld/clip \
-        --unet-steps 4000 --work runs/pretrain-v3 --output runs/toyworld-v3   # v3: the UNet under the frozen toy CLIP
+    python -m erasure.toyworld.pretrain --init checkpoints/toyworld-v2 --text-encoder checkpoints/toyworld/clip \
+        --unet-steps 4000 --lr 1e-3 --work runs/pretrain-v3 --output runs/toyworld-v3   # v3 (shipped): under the toy CLIP
 
 Stages, each resumable (rerun the same command after an interruption):
 
@@ -31,7 +31,8 @@ rectified-flow objective (:class:`FlowMatchingTraining`). A larger ``--flow-step
 finished stage from ``<work>/flow/last.ckpt`` (the shipped model: 6,000 steps continued to 9,600, then to 15,000),
 and the record then keeps the earlier run's (``continues``) and the total time (``seconds_total``).
 
-With ``--init <folder>`` (a folder holding ``sd`` and ``classifier``, as ``--output`` writes it)
+With ``--init <folder>`` (a folder holding ``sd`` and ``classifier`` as ``--output`` writes it, or ``sd`` alone
+with the shipped classifier, as ``checkpoints/toyworld-v2``)
 the VAE and the classifier are that model's, unchanged, and the UNet stage starts from its UNet
 and text encoder: continued pretraining, for instance on a new caption grammar.
 
@@ -63,7 +64,7 @@ from torchvision.transforms.functional import gaussian_blur
 from transformers import CLIPTextModel
 
 from erasure.toyworld.real_architectures import t5_tokenizer
-from erasure.bundle import ModelLoadError, resolve_path
+from erasure.bundle import TOYWORLD_CLASSIFIER, ModelLoadError, resolve_path
 from erasure.generation import to_unit_range
 from erasure.io import atomic_directory, atomic_write_text
 from erasure.toyworld import architecture as arch
@@ -352,8 +353,8 @@ def scenes_of(data: dict[str, torch.Tensor]) -> list[Scene]:
 def stage_classifier(budget: Budget, work: Path, seed: int, data: dict[str, torch.Tensor],
                      init: Path | None) -> arch.ToyClassifier:
     done = work / "classifier.safetensors"
-    if init is not None:
-        return load_classifier(init / "classifier")
+    if init is not None:  # its own classifier, else the shipped one (toyworld-v2 shares it with v3)
+        return load_classifier(init / "classifier" if (init / "classifier").is_dir() else TOYWORLD_CLASSIFIER)
     if not done.exists():
         L.seed_everything(seed + 2)
         n_train = int(0.9 * len(data["labels"]))

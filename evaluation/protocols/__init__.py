@@ -26,6 +26,7 @@ from evaluation.evaluators import (
 )
 from evaluation.protocols.artists import Artists
 from evaluation.protocols.base import Protocol, ProtocolError
+from evaluation.protocols.mass import Mass
 from evaluation.protocols.no_benchmark import NoBenchmark
 from evaluation.protocols.nudity import Nudity
 from evaluation.protocols.objects import Objects
@@ -34,7 +35,7 @@ from evaluation.protocols.quick import Quick
 from evaluation.protocols.toyworld import ToyWorld, ToyWorldEvaluator
 from erasure.plugins import plugins
 
-PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (ToyWorld, PromptCSV, Nudity, Objects, Artists, Quick, NoBenchmark)}
+PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (ToyWorld, Mass, PromptCSV, Nudity, Objects, Artists, Quick, NoBenchmark)}
 PROTOCOLS |= plugins("erasure.protocols", PROTOCOLS)
 DEFAULT_PROTOCOL = ToyWorld.name
 

@@ -35,6 +35,7 @@ from evaluation.suites import Prompt
 
 PARAPHRASES = ("", "a picture of ", "an image of ", "a drawing of ")
 CONCEPTS = [c for values in ATTRIBUTES.values() for c in values]
+VALUE_OF = {word: value for value, word in WORDS.items()}  # how prompts word a value -> the value ("outlined")
 
 
 @dataclass
@@ -56,13 +57,16 @@ class ToyWorldEvaluator:
 
     @torch.no_grad()
     def sees(self, images: torch.Tensor, concepts: list[str]) -> torch.Tensor:
-        for concept in set(concepts):
-            if concept not in CONCEPTS:
+        """Per image, whether the classifier predicts its concept: a value ("circle"), or every value of a
+        compound worded as the prompts word it ("outlined red circle")."""
+        values = {concept: [VALUE_OF.get(word, word) for word in concept.split()] for concept in set(concepts)}
+        for concept, parts in values.items():
+            if not all(part in CONCEPTS for part in parts):
                 raise EvaluatorError(f"the toy-world classifier does not know '{concept}'; "
                                      "use a toy-world concept or another evaluation.evaluator")
         logits = self.classifier(to_unit_range(images))
         return torch.tensor([
-            int(logits[attribute_of(c)][i].argmax()) == ATTRIBUTES[attribute_of(c)].index(c)
+            all(int(logits[attribute_of(v)][i].argmax()) == ATTRIBUTES[attribute_of(v)].index(v) for v in values[c])
             for i, c in enumerate(concepts)
         ])
 
