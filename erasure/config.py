@@ -453,7 +453,7 @@ def check_path(key: str, value: str | None, kind: str) -> None:
         return
     try:
         path = resolve_path(value)
-        found = path.is_dir() if kind == "folder" else path.is_file()
+        found = {"folder": path.is_dir, "file": path.is_file}.get(kind, path.exists)()
     except (OSError, ValueError) as error:
         raise ConfigError(f"'{key}' is not a usable path ({error}); give the path of a {kind}") from None
     if not found:
@@ -512,7 +512,7 @@ def check_values(config: DictConfig) -> None:
         raise ConfigError(f"'model.resolution' must be a multiple of 8 pixels, got {config.model.resolution}")
     check_trainer(config.trainer)
     evaluation = config.evaluation
-    weights = {"toyworld": ("evaluation.toyworld.classifier", "folder"), "clip": ("evaluation.clip.checkpoint", "file"),
+    weights = {"toyworld": ("evaluation.toyworld.classifier", "folder"), "clip": ("evaluation.clip.checkpoint", "file or folder"),
                "torchvision": ("evaluation.torchvision.weights", "file"), "nudenet": ("evaluation.nudenet.model", "file")}
     if evaluation.enabled and evaluation.evaluator in weights:
         key, kind = weights[evaluation.evaluator]

@@ -54,6 +54,9 @@ class Guidance:
 
     start: Callable[[Sampler], GuidanceStep]
     extra_prompt: str | None = None
+    # the prompts' conditioning per step: (prompts, their encoded states, sampler) -> (step i -> states);
+    # None: the encoded states at every step
+    condition: Callable[[list[str], torch.Tensor, Sampler], Callable[[int], torch.Tensor]] | None = None
 
 
 def use_ddim(pipeline) -> None:
@@ -133,7 +136,10 @@ def guided_batch(pipeline: StableDiffusionPipeline, prompts: list[str], negative
                                        device, generators)
     step_kwargs = pipeline.prepare_extra_step_kwargs(generators, sampler.eta)
     step = guidance.start(sampler)
+    condition = guidance.condition(prompts, cond, sampler) if guidance.condition is not None else None
     for i, t in enumerate(scheduler.timesteps):
+        if condition is not None:
+            both_embeds = torch.cat([uncond, condition(i)])
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         both = pipeline.unet(model_input, t, encoder_hidden_states=both_embeds, return_dict=False)[0]
         eps_uncond, eps_cond = both.chunk(2)

@@ -137,6 +137,40 @@ def attention_chart(curves: dict[str, torch.Tensor], path: Path, title: str) -> 
     plt.close(figure)
 
 
+def probe_chart(probes: Sequence[dict], retrieval: Sequence[dict], path: Path, concept: str) -> None:
+    """The seed study's two questions side by side: per condition the share of images showing the concept
+    (naming and incidental prompts, 95% intervals), and per text CLIP's preference for the image without it."""
+    rows = [r for r in probes if r["concept"] == concept]
+    conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12.5, 0.28 * len(conditions) + 1.6), dpi=110,
+                                         gridspec_kw={"width_ratios": [1.3, 1]})
+    for offset, suite in ((-0.2, "naming"), (0.2, "incidental")):
+        shares = {r["condition"]: r for r in rows if r["suite"] == suite}
+        y = [k + offset for k, c in enumerate(conditions) if c in shares]
+        values = [shares[c]["shows_concept"] for c in conditions if c in shares]
+        errors = [[v - shares[c]["shows_concept_ci95"][0] for c, v in zip([c for c in conditions if c in shares], values)],
+                  [shares[c]["shows_concept_ci95"][1] - v for c, v in zip([c for c in conditions if c in shares], values)]]
+        left.barh(y, values, height=0.38, xerr=errors, label=f"{suite} prompts", capsize=2)
+    left.set_yticks(range(len(conditions)), conditions, fontsize=7)
+    left.invert_yaxis()
+    left.set_xlim(0, 1.05)
+    left.set_xlabel(f"share of images showing '{concept}' (the judge)")
+    left.set_title("does the generator follow the instruction?", fontsize=9)
+    left.legend(fontsize=7)
+    texts = [r for r in retrieval if r["concept"] == concept]
+    labels = [f"{r['text']} ({r['prompts']})" for r in texts]
+    right.barh(range(len(texts)), [r["prefers_without_concept"] for r in texts], height=0.6, color="tab:green")
+    right.axvline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    right.set_yticks(range(len(texts)), labels, fontsize=7)
+    right.invert_yaxis()
+    right.set_xlim(0, 1)
+    right.set_xlabel(f"CLIP prefers the render without '{concept}'")
+    right.set_title("does the text encoder understand it?", fontsize=9)
+    figure.tight_layout()
+    atomic_save(path, lambda p: figure.savefig(p, format="png"))
+    plt.close(figure)
+
+
 def metric_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:
     """One row per run: every metric after erasure, the original model's row first."""
     first = runs[0][1]
@@ -200,7 +234,8 @@ def write_report(output: Path, rows: list[dict], protocol: dict, analysis: dict,
            "prompt's; then each weight eraser on the plain prompts. clip_score_to_concept: mean 100 cos(image, "
            "\"a <concept>\"), delta to the plain prompt's.", "",
            markdown_table(analysis["probes"], ["concept", "suite", "condition", "shows_concept", "shows_concept_ci95",
-                                               "clip_score_to_concept", "delta_clip_score"]), ""]
+                                               "clip_score_to_concept", "delta_clip_score"]), "",
+           *[f"![probes {c}]({chart})" for c, chart in analysis.get("probe_charts", {}).items()], ""]
           if analysis["probes"] else []),
         *(["## Instruction retrieval: does the text encoder understand the instruction?", "",
            "Pairs of renders equal but for the concept (with it / without it): the share of pairs in which CLIP's "

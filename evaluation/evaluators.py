@@ -72,14 +72,15 @@ class CLIPEvaluator:
     """CLIP's image and text towers, from open_clip weights or from a transformers ``CLIPModel`` folder."""
 
     def __init__(self, config: CLIPConfig):
-        import open_clip
-
         self.config = config
         self.checkpoint = _existing(config.checkpoint, "CLIP evaluator", "evaluation.clip.checkpoint")
         self.transformers = self.checkpoint.is_dir()
-        if not self.transformers and config.model not in open_clip.list_models():
-            raise EvaluatorError(f"unknown open_clip model '{config.model}' for evaluation.clip.model; "
-                                 "see open_clip.list_models()")
+        if not self.transformers:
+            import open_clip  # only for open_clip weights: a transformers folder needs transformers alone
+
+            if config.model not in open_clip.list_models():
+                raise EvaluatorError(f"unknown open_clip model '{config.model}' for evaluation.clip.model; "
+                                     "see open_clip.list_models()")
         self.name = (f"CLIP {self.checkpoint} (transformers), 100·cos" if self.transformers
                      else f"open_clip {config.model} ({self.checkpoint.name}), 100·cos")
         self._towers  # loaded now: weights of another architecture are refused before anything runs

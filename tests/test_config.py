@@ -129,3 +129,10 @@ def test_a_recipe_inheriting_no_recipe_or_itself_is_a_one_line_error(tmp_path, m
     monkeypatch.chdir(tmp_path)
     error = outcome([f"recipe={list(recipes)[-1]}"])
     assert error and message in error and "\n" not in error
+
+
+def test_a_clip_judge_may_be_a_transformers_folder_and_a_missing_one_is_named():
+    config = load_config(["recipe=esd", "protocol=quick", "concept=red", "evaluation.clip.checkpoint=checkpoints/toyworld/clip"])
+    assert config.evaluation.evaluator == "clip"
+    with pytest.raises(ConfigError, match="'evaluation.clip.checkpoint': no file or folder at /nowhere/clip"):
+        load_config(["recipe=esd", "protocol=quick", "concept=red", "evaluation.clip.checkpoint=/nowhere/clip"])

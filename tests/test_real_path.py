@@ -137,7 +137,7 @@ def test_sd15_preset_gives_the_papers_esd_settings(sd15, files):
     assert [lora.method[k] for k in loop[:3]] == ["trained", 0, "window"]
     assert lora.sources["method.xt_bank"] == "model preset sd15"
     toy = load_config(["recipe=esd"])  # the toy world keeps its own tuned values
-    assert toy.method.lr == 1e-3 and toy.trainer.max_steps == 150 and toy.model.preset == "toyworld"
+    assert toy.method.lr == 2e-3 and toy.trainer.max_steps == 300 and toy.model.preset == "toyworld"
 
 
 def test_sd15_preset_gives_the_concept_ablation_authors_settings(sd15, files):

@@ -7,12 +7,13 @@ from erasure.methods.advunlearn import AdvUnlearn
 from erasure.methods.esd import ESD
 from erasure.methods.instruction import Instruction
 from erasure.methods.rece import RECE
+from erasure.methods.safree import SAFREE
 from erasure.methods.sld import SLD
 from erasure.methods.speed import SPEED
 from erasure.methods.uce import UCE
 from erasure.plugins import plugins
 
-METHODS: dict[str, type[EraserModule]] = {cls.name: cls for cls in (ESD, Ablation, UCE, Instruction, SLD, RECE, AdvUnlearn, SPEED)}
+METHODS: dict[str, type[EraserModule]] = {cls.name: cls for cls in (ESD, Ablation, UCE, Instruction, SLD, RECE, AdvUnlearn, SPEED, SAFREE)}
 METHODS |= plugins("erasure.methods", METHODS)
 
 __all__ = ["METHODS", "EraserModule", "MethodConfig"]

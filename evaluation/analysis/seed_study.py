@@ -98,6 +98,10 @@ def analyse(runs: list[tuple], output: Path, sampler: Sampler, grid_prompts: int
     write_table(output / "analysis" / "text_similarity.csv", similarity_rows)
     write_table(output / "analysis" / "attention_curves.csv", attention_rows)
     write_table(output / "analysis" / "attention_auc.csv", auc_rows)
+    probe_charts = {}
+    for concept in dict.fromkeys(r["concept"] for r in probe_rows):
+        probe_charts[concept] = f"probes_{concept.replace(' ', '_')}.png"
+        comparison.probe_chart(probe_rows, retrieval_rows, output / probe_charts[concept], concept)
     write_table(output / "analysis" / "token_ablation.csv", probe_rows)
     write_table(output / "analysis" / "instruction_retrieval.csv", retrieval_rows)
 
@@ -112,4 +116,4 @@ def analyse(runs: list[tuple], output: Path, sampler: Sampler, grid_prompts: int
     if not retrieval_rows:
         skip("Not measured: instruction retrieval needs the toy world and a CLIP (evaluation.clip.checkpoint)")
     return {"similarity": similarity_rows, "auc": auc_rows, "probes": probe_rows, "retrieval": retrieval_rows,
-            "charts": charts, "skipped": skipped}
+            "charts": charts, "probe_charts": probe_charts, "skipped": skipped}

@@ -103,7 +103,7 @@ def test_torchvision_classifier_with_local_weights(tmp_path, images):
 
 
 def test_evaluator_choice_in_config_fails_early_with_one_line():
-    config = load_config(["recipe=esd", "evaluation.evaluator=clip"])
+    config = load_config(["recipe=esd", "evaluation.evaluator=clip", "evaluation.clip.checkpoint=null"])
     with pytest.raises(ConfigError, match="set evaluation.clip.checkpoint"):
         build_evaluator(config.evaluation)
     config = load_config(["recipe=esd", "evaluation.evaluator=dino"])
