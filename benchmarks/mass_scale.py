@@ -25,9 +25,12 @@ from pathlib import Path
 
 import torch
 
+from erasure.bundle import TOYWORLD_MODEL, load_pipeline
 from erasure.io import atomic_write_text
 from erasure.methods.speed import SPEED, SPEEDConfig
 from erasure.methods.uce import UCE, UCEConfig
+from erasure.toyworld.real_architectures import build_random_pipeline, build_random_sdxl_pipeline
+from erasure.toyworld.world import SYNONYMS
 from evaluation.protocols.mass import COMPOUNDS, guide_of, values_of
 
 METHODS = {"uce": (UCE, UCEConfig), "speed": (SPEED, SPEEDConfig)}
@@ -37,8 +40,6 @@ PRESERVED = 100
 
 def concept_names(count: int) -> list[str]:
     """``count`` distinct compound phrases: the 144 compounds, then their words swapped for synonyms."""
-    from erasure.toyworld.world import SYNONYMS
-
     names = list(COMPOUNDS)
     for mask in product((0, 1), repeat=3):
         if any(mask):
@@ -48,9 +49,6 @@ def concept_names(count: int) -> list[str]:
 
 
 def build(architecture: str):
-    from erasure.bundle import TOYWORLD_MODEL, load_pipeline
-    from erasure.toyworld.real_architectures import build_random_pipeline, build_random_sdxl_pipeline
-
     if architecture == "toyworld":
         return load_pipeline(TOYWORLD_MODEL)
     return build_random_sdxl_pipeline() if architecture == "sdxl" else build_random_pipeline(architecture)

@@ -36,12 +36,15 @@ concept and on incidental prompts that do not, next to each weight eraser on the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from erasure.generation import Sampler, generate
 from erasure.methods.instruction import NEGATIVE_PROMPT, rewrite
+from erasure.toyworld.captions import with_article
+from erasure.toyworld.world import ATTRIBUTES, WORDS, attribute_of, render_array, sample_scene
 from evaluation.analysis.attention import concept_positions
 from evaluation.analysis.text import REPETITION, encode
 from evaluation.metrics import share_with_interval
@@ -90,14 +93,15 @@ def conditions(pipeline, prompts: Sequence[str], concept: str,
 
 def generator_probe(pipeline, judge, clip, suites: Mapping[str, tuple[list[str], list[int]]], concept: str,
                     word: str, templates: Mapping[str, str], sampler: Sampler,
-                    erased: Mapping[str, object] = {}) -> list[dict]:
+                    erased: Mapping[str, object] | None = None) -> list[dict]:
     """Rows (suite, condition, share showing the concept with its interval, CLIP score to "a {word}" and its
     difference to the plain prompt's) for the base model under every condition and for each erased
     pipeline in ``erased`` on the plain prompts. ``suites``: name -> (prompts, seeds)."""
     rows = []
     for suite, (prompts, seeds) in suites.items():
         runs = [(label, pipeline, arguments) for label, arguments in conditions(pipeline, prompts, word, templates).items()]
-        runs += [(f"{label} (erased), {PLAIN}", model, {"prompts": list(prompts)}) for label, model in erased.items()]
+        runs += [(f"{label} (erased), {PLAIN}", model, {"prompts": list(prompts)})
+                 for label, model in (erased or {}).items()]
         plain_score = None
         for label, model, arguments in runs:
             images = generate(model, seeds=seeds, sampler=sampler, batch_size=len(seeds), **arguments)
@@ -115,10 +119,6 @@ def contrast_scenes(concept: str, per_value: int = 8, seed: int = 0) -> tuple[li
     """Pairs of toy-world scenes equal but for the concept's attribute: (pairs [(with, without)], the other
     attribute's values each pair fixes). Each pair shares position, size, rotation and pattern; the one
     "without" shows another value of the concept's attribute."""
-    from dataclasses import replace
-
-    from erasure.toyworld.world import ATTRIBUTES, attribute_of, sample_scene
-
     attribute = attribute_of(concept)
     fixed = "color" if attribute != "color" else "shape"
     rng = np.random.default_rng(seed)
@@ -136,9 +136,6 @@ def retrieval_texts(concept: str, value: str, templates: Mapping[str, str]) -> d
     """``{form: {"incidental": text, "naming": text}}`` for scenes fixing ``value`` (a colour for shape and
     style concepts, a shape for colours): the prompt as written, the grammar's negation and each
     instruction template's rewrite (the negative prompt is no text to retrieve with)."""
-    from erasure.toyworld.captions import with_article
-    from erasure.toyworld.world import WORDS, attribute_of
-
     word, other = WORDS[concept], WORDS[value]
     if attribute_of(concept) == "shape":
         prompts = {"incidental": with_article(f"{other} shape"), "naming": with_article(f"{other} {word}")}
@@ -155,8 +152,6 @@ def instruction_retrieval(clip, concept: str, templates: Mapping[str, str], per_
                           seed: int = 0) -> list[dict]:
     """R(t) for every text form on prompts naming the concept and on incidental ones (see the module),
     with CLIP (an :class:`~evaluation.evaluators.CLIPEvaluator`) on toy-world renders."""
-    from erasure.toyworld.world import render_array
-
     pairs, values = contrast_scenes(concept, per_value, seed)
     with_concept = clip.features(torch.from_numpy(render_array([w for w, _ in pairs])))
     without = clip.features(torch.from_numpy(render_array([o for _, o in pairs])))
