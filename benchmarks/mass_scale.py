@@ -31,7 +31,8 @@ from erasure.methods.speed import SPEED, SPEEDConfig
 from erasure.methods.uce import UCE, UCEConfig
 from erasure.toyworld.real_architectures import build_random_pipeline, build_random_sdxl_pipeline
 from erasure.toyworld.world import SYNONYMS
-from evaluation.protocols.mass import COMPOUNDS, guide_of, values_of
+from evaluation.protocols.mass import COMPOUNDS, guide_of
+from evaluation.protocols.toyworld import values_of
 
 METHODS = {"uce": (UCE, UCEConfig), "speed": (SPEED, SPEEDConfig)}
 COUNTS = (1, 10, 100, 1000)

@@ -163,6 +163,7 @@ def instruction_retrieval(clip, concept: str, templates: Mapping[str, str], per_
                 t = clip.text_features([text])[0]
                 prefers = (without[index] @ t) > (with_concept[index] @ t)
                 rows.setdefault((form, kind), []).append(prefers)
+    examples = retrieval_texts(concept, values[0], templates)
     return [{"text": form, "prompts": kind, **share_with_interval(torch.cat(hits), "prefers_without_concept"),
-             "example": retrieval_texts(concept, values[0], templates)[form][kind]}
+             "example": examples[form][kind]}
             for (form, kind), hits in rows.items()]

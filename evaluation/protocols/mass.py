@@ -34,16 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 from erasure.toyworld.captions import with_article
 from erasure.toyworld.world import COLORS, SHAPES, STYLES, SYNONYMS, WORDS
 from evaluation.protocols.base import ProtocolError, named_concepts
-from evaluation.protocols.toyworld import PARAPHRASES, VALUE_OF, ToyWorld
+from evaluation.protocols.toyworld import PARAPHRASES, ToyWorld, values_of
 from evaluation.suites import Prompt
 
 SUITE_IMAGES = 48  # prompts per suite (at least one per compound)
 COMPOUNDS = [f"{WORDS[style]} {WORDS[color]} {WORDS[shape]}" for style, color, shape in product(STYLES, COLORS, SHAPES)]
-
-
-def values_of(compound: str) -> list[str]:
-    """The toy-world values a compound names ("outlined red circle" -> outline, red, circle)."""
-    return [VALUE_OF.get(word, word) for word in compound.split()]
 
 
 def drawn_compounds(count: int, seed: int = 0) -> list[str]:

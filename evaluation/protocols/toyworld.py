@@ -38,6 +38,11 @@ CONCEPTS = [c for values in ATTRIBUTES.values() for c in values]
 VALUE_OF = {word: value for value, word in WORDS.items()}  # how prompts word a value -> the value ("outlined")
 
 
+def values_of(concept: str) -> list[str]:
+    """The toy-world values a concept or compound names ("outlined red circle" -> outline, red, circle)."""
+    return [VALUE_OF.get(word, word) for word in concept.split()]
+
+
 @dataclass
 class ToyWorldEvaluatorConfig:
     classifier: str = "checkpoints/toyworld/classifier"
@@ -59,7 +64,7 @@ class ToyWorldEvaluator:
     def sees(self, images: torch.Tensor, concepts: list[str]) -> torch.Tensor:
         """Per image, whether the classifier predicts its concept: a value ("circle"), or every value of a
         compound worded as the prompts word it ("outlined red circle")."""
-        values = {concept: [VALUE_OF.get(word, word) for word in concept.split()] for concept in set(concepts)}
+        values = {concept: values_of(concept) for concept in set(concepts)}
         for concept, parts in values.items():
             if not all(part in CONCEPTS for part in parts):
                 raise EvaluatorError(f"the toy-world classifier does not know '{concept}'; "
