@@ -4,7 +4,7 @@
     python -m benchmarks.mass --recipes uce speed --counts 1 10
 
 Each cell is ``python -m erasure.train recipe=<recipe> protocol=mass evaluation.compounds=<N>`` (run in this
-process; a finished run is read, not repeated). ``mass.csv`` holds efficacy (target), generality (synonym),
+process; a finished run is read, not repeated); the table keeps the cells of earlier sweeps. ``mass.csv`` holds efficacy (target), generality (synonym),
 neighbour and distant specificity with their 95% intervals, MACE's harmonic mean and the fit time;
 ``docs/mass_efficacy_specificity.png`` draws efficacy against neighbour specificity as N grows.
 """
@@ -79,10 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figure", type=Path, default=Path("docs/mass_efficacy_specificity.png"))
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_args(argv)
-    rows = []
+    rows = list(csv.DictReader(args.output.open())) if args.output.is_file() else []  # other cells are kept
     for recipe in args.recipes:
         for count in args.counts:
-            rows.append(run_cell(recipe, count, args.root, args.overrides))
+            cell = run_cell(recipe, count, args.root, args.overrides)
+            rows = [r for r in rows if (r["recipe"], int(r["N"])) != (recipe, count)] + [cell]
+            rows.sort(key=lambda r: (r["recipe"], int(r["N"])))
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=list(rows[0]))
             writer.writeheader()

@@ -176,12 +176,15 @@ def build_random_sdxl_pipeline(tokenizer: CLIPTokenizer, sample_size: int | None
 
 
 def build_random_flux_pipeline(tokenizer: CLIPTokenizer, t5_tokenizer: T5TokenizerFast, sample_size: int | None = None,
-                               seed: int = 0, small: bool = False) -> FluxPipeline:
+                               seed: int = 0, small: bool = False, blocks: tuple[int, int] | None = None) -> FluxPipeline:
     """FLUX.1-dev with random weights, the CLIP ``tokenizer`` padded to 77 and ``t5_tokenizer`` to 512
     tokens; ``sample_size`` (latent pixels) sets the default image size (FluxPipeline's own default is
-    128; an attribute, not saved with the pipeline), ``small`` shrinks widths and depths (:func:`tiny_flux`)."""
+    128; an attribute, not saved with the pipeline), ``small`` shrinks widths and depths (:func:`tiny_flux`),
+    ``blocks`` sets the transformer's (double-stream, single-stream) depths alone (for what reads none of them)."""
     config = architecture_config("flux")
     config = tiny_flux(config) if small else config
+    if blocks:
+        config["transformer"] = {**config["transformer"], "num_layers": blocks[0], "num_single_layers": blocks[1]}
     torch.manual_seed(seed)
     tokenizer = padded(tokenizer, config["text_encoder"]["max_position_embeddings"])
     tokenizer_2 = padded(t5_tokenizer, config["tokenizer_2"]["model_max_length"])

@@ -6,6 +6,7 @@ from erasure.methods.ablation import Ablation
 from erasure.methods.advunlearn import AdvUnlearn
 from erasure.methods.esd import ESD
 from erasure.methods.instruction import Instruction
+from erasure.methods.mace import MACE
 from erasure.methods.rece import RECE
 from erasure.methods.safree import SAFREE
 from erasure.methods.sld import SLD
@@ -13,7 +14,7 @@ from erasure.methods.speed import SPEED
 from erasure.methods.uce import UCE
 from erasure.plugins import plugins
 
-METHODS: dict[str, type[EraserModule]] = {cls.name: cls for cls in (ESD, Ablation, UCE, Instruction, SLD, RECE, AdvUnlearn, SPEED, SAFREE)}
+METHODS: dict[str, type[EraserModule]] = {cls.name: cls for cls in (ESD, Ablation, UCE, Instruction, SLD, RECE, AdvUnlearn, SPEED, SAFREE, MACE)}
 METHODS |= plugins("erasure.methods", METHODS)
 
 __all__ = ["METHODS", "EraserModule", "MethodConfig"]

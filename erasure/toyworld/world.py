@@ -45,6 +45,14 @@ SYNONYMS = {
 }
 
 
+VALUE_OF = {word: value for value, word in WORDS.items()}  # how prompts word a value -> the value ("outlined")
+
+
+def values_of(concept: str) -> list[str]:
+    """The toy-world values a concept or compound names ("outlined red circle" -> outline, red, circle)."""
+    return [VALUE_OF.get(word, word) for word in concept.split()]
+
+
 def attribute_of(concept: str) -> str:
     """The attribute ("shape", "color" or "style") a concept name belongs to."""
     for attribute, values in ATTRIBUTES.items():
@@ -141,25 +149,38 @@ def _pattern(scene: Scene, size: int) -> np.ndarray:
     return gx**2 + gy**2 < 1.2**2
 
 
-def render(scene: Scene) -> Image.Image:
-    """Render a scene to a 32x32 RGB image."""
+def _masks(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """(paint, silhouette) at supersampled resolution: where the shape's colour goes, and the whole shape
+    (its outline filled, whatever its style)."""
     size = IMAGE_SIZE * SUPERSAMPLE
     polygon = _polygon(scene)
-    fill_mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(fill_mask)
-    border = 2 * SUPERSAMPLE if scene.style == "outline" else SUPERSAMPLE
-    if scene.style != "outline":
-        draw.polygon(polygon, fill=255)
-    paint = np.asarray(fill_mask) > 0
-    paint &= _pattern(scene, size)
+    inside = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(inside).polygon(polygon, fill=255)
     border_mask = Image.new("L", (size, size), 0)
+    border = 2 * SUPERSAMPLE if scene.style == "outline" else SUPERSAMPLE
     ImageDraw.Draw(border_mask).line(polygon + polygon[:1], fill=255, width=border, joint="curve")
-    paint |= np.asarray(border_mask) > 0
+    inside, edge = np.asarray(inside) > 0, np.asarray(border_mask) > 0
+    paint = (inside & _pattern(scene, size) if scene.style != "outline" else np.zeros_like(inside)) | edge
+    return paint, inside | edge
+
+
+def render(scene: Scene) -> Image.Image:
+    """Render a scene to a 32x32 RGB image."""
+    paint, _ = _masks(scene)
+    size = IMAGE_SIZE * SUPERSAMPLE
     canvas = np.empty((size, size, 3), dtype=np.float32)
     canvas[:] = scene.background
     canvas[paint] = scene.rgb
     image = Image.fromarray(canvas.round().astype(np.uint8))
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+
+
+def silhouette(scene: Scene) -> np.ndarray:
+    """The share of each of the 32x32 pixels that the shape covers (float32, 0..1): the exact object mask a
+    segmenter would approximate."""
+    _, shape = _masks(scene)
+    image = Image.fromarray(shape.astype(np.uint8) * 255).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.float32) / 255
 
 
 def render_array(scenes: list[Scene]) -> np.ndarray:

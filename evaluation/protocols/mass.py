@@ -32,9 +32,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from erasure.toyworld.captions import with_article
-from erasure.toyworld.world import COLORS, SHAPES, STYLES, SYNONYMS, WORDS
+from erasure.toyworld.world import COLORS, SHAPES, STYLES, SYNONYMS, WORDS, values_of
 from evaluation.protocols.base import ProtocolError, named_concepts
-from evaluation.protocols.toyworld import PARAPHRASES, ToyWorld, values_of
+from evaluation.protocols.toyworld import PARAPHRASES, ToyWorld
 from evaluation.suites import Prompt
 
 SUITE_IMAGES = 48  # prompts per suite (at least one per compound)

@@ -28,19 +28,13 @@ from safetensors import SafetensorError
 from erasure.generation import to_unit_range
 from erasure.toyworld.captions import prompts_naming, with_article
 from erasure.toyworld.classifier import load_classifier
-from erasure.toyworld.world import ATTRIBUTES, COLORS, SHAPES, STYLES, SYNONYMS, WORDS, attribute_of
+from erasure.toyworld.world import ATTRIBUTES, COLORS, SHAPES, STYLES, SYNONYMS, WORDS, attribute_of, values_of
 from evaluation.evaluators import EvaluatorError
 from evaluation.protocols.base import Protocol, ProtocolError, named_concepts
 from evaluation.suites import Prompt
 
 PARAPHRASES = ("", "a picture of ", "an image of ", "a drawing of ")
 CONCEPTS = [c for values in ATTRIBUTES.values() for c in values]
-VALUE_OF = {word: value for value, word in WORDS.items()}  # how prompts word a value -> the value ("outlined")
-
-
-def values_of(concept: str) -> list[str]:
-    """The toy-world values a concept or compound names ("outlined red circle" -> outline, red, circle)."""
-    return [VALUE_OF.get(word, word) for word in concept.split()]
 
 
 @dataclass
