@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=Path("runs/mass"))
     parser.add_argument("--output", type=Path, default=RESULT)
     parser.add_argument("--figure", type=Path, default=Path("docs/mass_efficacy_specificity.png"))
+    parser.add_argument("--draw", nargs="*", default=[], metavar="CSV[=LABEL]",
+                        help="other tables whose cells the figure draws too (LABEL after the recipe's name), "
+                             "where this table has no cell of that recipe and N")
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_args(argv)
     rows = list(csv.DictReader(args.output.open())) if args.output.is_file() else []  # other cells are kept
@@ -90,8 +93,22 @@ def main(argv: list[str] | None = None) -> None:
             writer.writeheader()
             writer.writerows(rows)
             atomic_write_text(args.output, text.getvalue())  # after every cell: a stopped sweep keeps its rows
-    plot(rows, args.figure)
+    plot(rows + drawn_too(rows, args.draw), args.figure)
     print(text.getvalue())
+
+
+def drawn_too(rows: list[dict], tables: list[str]) -> list[dict]:
+    """The cells of ``tables`` ("path" or "path=label") that ``rows`` lacks, the label appended to the recipe."""
+    seen = {(r["recipe"], int(r["N"])) for r in rows}
+    extra = []
+    for table in tables:
+        path, _, label = table.partition("=")
+        for row in csv.DictReader(Path(path).open()):
+            name = f"{row['recipe']} {label}".strip()
+            if (name, int(row["N"])) not in seen:
+                seen.add((name, int(row["N"])))
+                extra.append({**row, "recipe": name})
+    return extra
 
 
 if __name__ == "__main__":

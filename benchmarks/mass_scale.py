@@ -15,7 +15,7 @@ MACE is timed by stage: the refinement (``cfr_s``), its LoRAs (``lora_s``: 50 Ad
 on 8 images each; the renderer's on the toy world, random 512-pixel images and masks on the random models) and the
 fusion (``fusion_s``). With ``--lora-concepts K`` below N only K concepts' LoRAs are trained, and ``lora_s`` is
 their time times N / K (``lora_extrapolated``: true); each concept's LoRA is trained alone, so the stage is linear
-in N. FLUX has UCE only (the authors' FLUX edit; SPEED and MACE are SD code): its transformer is built with one
+in N. ``--lora-concepts 0`` times the closed-form stages alone (``lora_s`` null; ``seconds`` their sum). FLUX has UCE only (the authors' FLUX edit; SPEED and MACE are SD code): its transformer is built with one
 block of each kind, as the edit reads the text encoders and the two text-input layers alone.
 Peak memory: the GPU's allocator peak during the edit, or on the CPU the process's resident peak so far
 (``ru_maxrss``, monotonic: the model's own size included).
@@ -106,7 +106,7 @@ def synchronised(device: str) -> float:
 def measure_mace(pipeline, architecture: str, count: int, device: str, lora_concepts: int, scratch: Path) -> dict:
     concepts = concept_names(count)
     kept = concept_names(count + PRESERVED)[count:]
-    trained = min(count, lora_concepts)
+    trained = min(count, lora_concepts)  # 0: the closed-form stages alone
     toy = architecture == "toyworld"
     data = "renderer" if toy else str(random_examples(scratch, concepts[:trained], 512))
     config = MACEConfig(prompt_template="a {concept}", guide=[guide_of(c, concepts) for c in concepts], preserve=kept,
@@ -118,18 +118,20 @@ def measure_mace(pipeline, architecture: str, count: int, device: str, lora_conc
     started = synchronised(device)
     module.refine()
     refined = synchronised(device)
-    module.prepare_examples(trained)
-    train_loras(module, trained)
+    if trained:
+        module.prepare_examples(trained)
+        train_loras(module, trained)
     lorad = synchronised(device)
     module.fuse()
     fused = synchronised(device)
-    lora = (lorad - refined) * count / trained
+    lora = (lorad - refined) * count / trained if trained else None
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"method": "mace", "concepts": count, "preserved": len(kept),
-            "seconds": round(refined - started + lora + fused - lorad, 4), "cfr_s": round(refined - started, 4),
-            "lora_s": round(lora, 4), "fusion_s": round(fused - lorad, 4), "lora_concepts_trained": trained,
-            "lora_extrapolated": trained < count, "edited_matrices": len(module.trained),
+            "seconds": round(refined - started + (lora or 0) + fused - lorad, 4), "cfr_s": round(refined - started, 4),
+            "lora_s": None if lora is None else round(lora, 4), "fusion_s": round(fused - lorad, 4),
+            "lora_concepts_trained": trained,
+            "lora_extrapolated": 0 < trained < count, "edited_matrices": len(module.trained),
             "peak_memory_gib": round(peak / 2 ** 30, 3)}
 
 

@@ -1,6 +1,6 @@
 """Sequential erasure: requests arrive one at a time, each erased from the model the previous request left.
 
-    python -m benchmarks.sequential                          # uce and speed, 20 requests: runs/sequential/
+    python -m benchmarks.sequential                          # uce, speed and mace, 20 requests: runs/sequential/
     python -m benchmarks.sequential --recipes uce --requests 5 --output runs/sequential-quick
 
 The requests are the mass protocol's first ``--requests`` drawn compounds. Request k runs
@@ -92,7 +92,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sequential", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", nargs="+", default=["uce", "speed"])
+    parser.add_argument("--recipes", nargs="+", default=["uce", "speed", "mace"])
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--output", type=Path, default=Path("runs/sequential"))
     parser.add_argument("overrides", nargs="*", help="key=value for every run, e.g. method.lam=0.1")

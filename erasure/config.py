@@ -104,6 +104,8 @@ class EvaluationConfig:
     incidental: bool = False  # protocol toyworld: generate the incidental suite ("a red shape" for circle)
     compounds: int = 10  # protocol mass: how many compounds are drawn when no concept is named
     compound_seed: int = 0  # protocol mass: the draw's seed
+    concepts: int = 10  # protocol mass-csv: how many of the file's concepts are drawn when no concept is named
+    concept_seed: int = 0  # protocol mass-csv: the draw's seed
     prompts_csv: str | None = None  # protocol artists: every artist's prompts
     classes: list[str] = field(default_factory=list)  # protocol objects: the classes
     prompt_template: str = "{concept}"  # protocol objects: the prompt of a class

@@ -201,7 +201,7 @@ def test_a_run_from_the_command_line_trains_evaluates_and_saves(family, recipe, 
 
 
 @pytest.mark.parametrize("method, families", [("advunlearn", ("sdxl", "flux")), ("sld", ("sdxl", "flux")),
-                                              ("rece", ("flux",))])
+                                              ("rece", ("flux",)), ("mace", ("sdxl", "flux"))])
 def test_methods_that_do_not_transfer_say_so(method, families):
     from erasure.methods import METHODS
 

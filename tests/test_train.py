@@ -14,7 +14,7 @@ FAST = ["trainer.checkpoint_every_n_steps=2", "method.ddim_steps=6", "method.bat
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["recipe=nope"], "unknown recipe 'nope'; available recipes: ablation, advunlearn, esd, esd-fast, instruction, lora, lora-fast, rece, safree, sld, speed, time, uce"),
+    (["recipe=nope"], "unknown recipe 'nope'; available recipes: ablation, advunlearn, esd, esd-fast, instruction, lora, lora-fast, mace, rece, safree, sld, speed, time, uce"),
     (["recipe=esd", "trainer.max_step=3"], "unknown key 'trainer.max_step'; valid keys here: accelerator"),
     (["recipe=esd", "method.train_method=esd-q"], "'method.train_method': 'esd-q'; choose one of: esd-x, esd-x-strict"),
     (["recipe=esd", "trainer.max_steps=many"], "invalid value for 'trainer.max_steps'"),
@@ -39,7 +39,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argum
 def test_help_lists_recipes_and_keys(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert "recipes: ablation, advunlearn, esd, esd-fast, instruction, lora, lora-fast, rece, safree, sld, speed, time, uce" in text and "method.train_method=esd-u" in text and "model.path" in text
+    assert "recipes: ablation, advunlearn, esd, esd-fast, instruction, lora, lora-fast, mace, rece, safree, sld, speed, time, uce" in text and "method.train_method=esd-u" in text and "model.path" in text
 
 
 def test_existing_output_dir_is_refused(tmp_path, capsys):

@@ -47,6 +47,9 @@ from erasure.losses import LOSSES
 from erasure.weights import DELTA_FILE, TEXT_ENCODER_PREFIX, DeltaError, load_delta, save_delta
 
 
+ENCODE_BATCH = 64  # prompts the frozen text encoders read at once
+
+
 @dataclass
 class MethodConfig:
     """Options every method has."""
@@ -210,11 +213,12 @@ class EraserModule(L.LightningModule):
         prompt, without gradients. The same as :meth:`encode` unless the method trains text-encoder
         tensors; then the original tensors give them, through ``functional_call``."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
+        for start in range(0, len(missing), ENCODE_BATCH):  # bounded memory: T5-XXL's attention grows with the batch
+            batch = missing[start:start + ENCODE_BATCH]
             with torch.no_grad():
-                encoded = (Conditioning(self.encode_with_original_text_encoder(missing)) if self.trains_text_encoder
-                           else self.family.encode(missing, self.device))
-            self._prompt_cache.update((prompt, encoded[i:i + 1]) for i, prompt in enumerate(missing))
+                encoded = (Conditioning(self.encode_with_original_text_encoder(batch)) if self.trains_text_encoder
+                           else self.family.encode(batch, self.device))
+            self._prompt_cache.update((prompt, encoded[i:i + 1]) for i, prompt in enumerate(batch))
         return Conditioning.cat([self._prompt_cache[p] for p in prompts]).to(self.device)
 
     def encode_with_original_text_encoder(self, prompts: Sequence[str]) -> torch.Tensor:

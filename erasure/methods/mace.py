@@ -34,7 +34,8 @@ concept, lambda 0, both preserve scales 1e-4, preserve weight 8e3 / 5e4 / 8e4 / 
 concepts (larger N takes the next config's), 30 templates, rank 1, 8 images, the timestep sampling on. Objects
 (``configs/object``): lr 1e-5, lambda 1e2 (their ship, bird and automobile use 1e3, 1e1, 1e2), no
 preservation. Artists (``configs/art``): preserve weight 8e4, the style templates, no masks. Explicit content:
-lr 1e-5, 120 steps, scales 7e-7. ``trainer.max_steps`` is the whole budget, split evenly over the concepts.
+lr 1e-5, 120 steps, scales 7e-7. ``trainer.max_steps`` is the whole budget, split evenly over the concepts. The
+module's weights hold W_1 until the fusion at the end of training (an evaluation during training sees W_1).
 
 Images and masks: the authors generate 8 images per concept with the original model and segment them with
 Grounded-SAM. On the toy world (``method.data=renderer``) they are the renderer's scenes of the concept and
@@ -269,7 +270,7 @@ class MACE(EraserModule):
     @torch.no_grad()
     def states(self, prompts: Sequence[str]) -> torch.Tensor:
         """The frozen text encoder's states of every token (prompts, length, d), float64."""
-        return torch.cat([self.encode_frozen(prompts[i:i + 64]).embeds for i in range(0, len(prompts), 64)]).double()
+        return self.encode_frozen(prompts).embeds.double()
 
     def covariance(self, prompts: Sequence[str]) -> torch.Tensor:
         """sum e e^T over every token of ``prompts`` (the authors' caches)."""

@@ -34,7 +34,7 @@ def analyse(runs: list[tuple], output: Path, sampler: Sampler, grid_prompts: int
     base = load_pipeline(resolve_path(config.model.path))
     suites = {suite: load_csv(first.path / "prompts" / f"{suite}.csv") for suite in ("target", "retained", "incidental")
               if (first.path / "prompts" / f"{suite}.csv").is_file()}
-    instruction = next((r.config.method for _, r, _ in runs if "templates" in r.config.method), None)
+    instruction = next((r.config.method for _, r, _ in runs if r.config.method.name == "instruction"), None)
     templates = dict(instruction.templates) if instruction else load_config(["recipe=instruction"]).method.templates
     similarity_rows, attention_rows, auc_rows, probe_rows, retrieval_rows, charts, skipped = [], [], [], [], [], {}, []
     judge = build_evaluator(config.evaluation, resolve_path)

@@ -5,6 +5,8 @@
     nudity     I2P-format prompts, NudeNet
     objects    Imagenette classes, torchvision ResNet-50
     artists    artist-prompt CSVs, CLIP among the listed artists
+    mass       toy-world compounds erased N at a time (MACE's mass erasure)
+    mass-csv   N concepts of an artists-format CSV erased at once, CLIP among all listed
     quick      any concept: the field's prompt templates, CLIP zero-shot among it and its neighbours
     none       no benchmark: any concept string, the weights only (chosen by itself with
                evaluation.enabled=false and a concept the toy world does not know)
@@ -27,6 +29,7 @@ from evaluation.evaluators import (
 from evaluation.protocols.artists import Artists
 from evaluation.protocols.base import Protocol, ProtocolError
 from evaluation.protocols.mass import Mass
+from evaluation.protocols.mass_csv import MassCSV
 from evaluation.protocols.no_benchmark import NoBenchmark
 from evaluation.protocols.nudity import Nudity
 from evaluation.protocols.objects import Objects
@@ -35,7 +38,7 @@ from evaluation.protocols.quick import Quick
 from evaluation.protocols.toyworld import ToyWorld, ToyWorldEvaluator
 from erasure.plugins import plugins
 
-PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (ToyWorld, Mass, PromptCSV, Nudity, Objects, Artists, Quick, NoBenchmark)}
+PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (ToyWorld, Mass, MassCSV, PromptCSV, Nudity, Objects, Artists, Quick, NoBenchmark)}
 PROTOCOLS |= plugins("erasure.protocols", PROTOCOLS)
 DEFAULT_PROTOCOL = ToyWorld.name
 

@@ -41,12 +41,18 @@ SUITE_IMAGES = 48  # prompts per suite (at least one per compound)
 COMPOUNDS = [f"{WORDS[style]} {WORDS[color]} {WORDS[shape]}" for style, color, shape in product(STYLES, COLORS, SHAPES)]
 
 
+def drawn(items: Sequence[str], count: int, seed: int, key: str) -> list[str]:
+    """The first ``count`` of one seeded permutation of ``items`` (so a smaller count's are among a larger's);
+    ``key`` names the setting in the error."""
+    if not 1 <= count <= len(items):
+        raise ProtocolError(f"{key} must be from 1 to {len(items)}, got {count}")
+    order = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in order[:count]]
+
+
 def drawn_compounds(count: int, seed: int = 0) -> list[str]:
     """The first ``count`` compounds of one seeded permutation of all 144."""
-    if not 1 <= count <= len(COMPOUNDS):
-        raise ProtocolError(f"evaluation.compounds must be from 1 to {len(COMPOUNDS)}, got {count}")
-    order = np.random.default_rng(seed).permutation(len(COMPOUNDS))
-    return [COMPOUNDS[i] for i in order[:count]]
+    return drawn(COMPOUNDS, count, seed, "evaluation.compounds")
 
 
 def differences(a: str, b: str) -> int:
@@ -118,7 +124,7 @@ class Mass(ToyWorld):
     def check_method(self, method: type, config: DictConfig, concepts: Sequence[str]) -> None:
         if method.reads("anchor", config):
             raise ProtocolError(f"protocol mass has no anchor for {method.name}; it runs the methods that map a "
-                                "concept by guide or erase it outright (uce, rece, speed, esd, lora)")
+                                "concept by guide or erase it outright (uce, rece, speed, mace, esd, lora)")
 
     def check(self, concepts: Sequence[str], evaluation: DictConfig) -> None:
         unknown = [c for c in concepts if c not in COMPOUNDS]

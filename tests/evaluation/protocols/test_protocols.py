@@ -17,7 +17,7 @@ def write(path, text):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["protocol=imagenet"], "unknown protocol 'imagenet'; available protocols: toyworld, mass, csv, nudity, objects, artists"),
+    (["protocol=imagenet"], "unknown protocol 'imagenet'; available protocols: toyworld, mass, mass-csv, csv, nudity, objects, artists"),
     (["protocol=csv", "concept=cat"], "protocol csv needs evaluation.target_csv=<prompts.csv>"),
     (["protocol=nudity"], "protocol nudity needs evaluation.target_csv=<prompts.csv> (an I2P-format CSV"),
     (["protocol=objects", "concept=cat"], "concept 'cat' is not a class of protocol objects (tench, English springer"),
