@@ -157,6 +157,12 @@ def measure(pipeline, method: str, count: int, device: str) -> dict:
             "peak_memory_gib": round(peak / 2 ** 30, 3)}
 
 
+def measure_cell(pipeline, architecture: str, method: str, count: int, args: argparse.Namespace, scratch: Path) -> dict:
+    if method == "mace":
+        return measure_mace(pipeline, architecture, count, args.device, args.lora_concepts, scratch / str(count))
+    return measure(pipeline, method, count, args.device)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mass_scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -176,17 +182,12 @@ def main(argv: list[str] | None = None) -> None:
             if method != "uce" and architecture == "flux":
                 continue  # SPEED's and MACE's code is SD's
             with tempfile.TemporaryDirectory() as scratch:
-                def cell(count: int) -> dict:
-                    if method == "mace":
-                        return measure_mace(pipeline, architecture, count, args.device, args.lora_concepts,
-                                            Path(scratch) / str(count))
-                    return measure(pipeline, method, count, args.device)
-
-                cell(1)  # warm-up: kernels, allocator
+                measure_cell(pipeline, architecture, method, 1, args, Path(scratch))  # warm-up: kernels, allocator
                 for count in args.counts:
                     if method == "mace" and count > len(COMPOUNDS) and architecture == "toyworld":
                         continue  # the renderer draws the 144 compounds, not their synonyms
-                    row = {"architecture": architecture, **cell(count)}
+                    row = {"architecture": architecture,
+                           **measure_cell(pipeline, architecture, method, count, args, Path(scratch))}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
         del pipeline

@@ -13,6 +13,8 @@ repository changes:
     my_judge = "my_package.judge:build"               # build(evaluation.options) -> Evaluator
     [project.entry-points."erasure.recipes"]
     my_package = "my_package"                         # a package whose recipes/ folder holds <recipe>.yaml
+    [project.entry-points."erasure.example_sources"]
+    my_images = "my_package.images:examples"          # examples(concept, count, seed) -> (images, masks)
 
 Each registry (``METHODS``, ``PROTOCOLS``, ``ATTACKS``, ``EVALUATORS``, the recipe names) reads its
 group when it is first imported, so a plug-in appears in ``--help``, in ``recipe=``/``protocol=``/
@@ -28,7 +30,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-GROUPS = ("erasure.methods", "erasure.protocols", "erasure.attacks", "erasure.evaluators", "erasure.recipes")
+GROUPS = ("erasure.methods", "erasure.protocols", "erasure.attacks", "erasure.evaluators", "erasure.recipes",
+          "erasure.example_sources")
 
 
 class PluginError(RuntimeError):

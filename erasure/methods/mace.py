@@ -38,9 +38,9 @@ lr 1e-5, 120 steps, scales 7e-7. ``trainer.max_steps`` is the whole budget, spli
 module's weights hold W_1 until the fusion at the end of training (an evaluation during training sees W_1).
 
 Images and masks: the authors generate 8 images per concept with the original model and segment them with
-Grounded-SAM. On the toy world (``method.data=renderer``) they are the renderer's scenes of the concept and
-its exact object masks; on real models ``method.data=<folder>`` holds ``<concept>/`` images and
-``<concept> mask/`` masks, the layout of the authors' ``data_preparation.py``. Differences from their code: the
+Grounded-SAM. ``method.data`` names them (:mod:`erasure.examples`): on the toy world ``renderer``, its scenes of the
+concept and their exact object masks; on real models a folder of ``<concept>/`` images and ``<concept> mask/``
+masks, the layout of the authors' ``data_preparation.py``. Differences from their code: the
 images enter the VAE in [-1, 1] (theirs are normalised with ImageNet's mean and deviation, a slip) and are
 resized to the model's resolution (theirs: random crops of 512-pixel images); the solves are float64 (theirs
 float32 ``torch.inverse``); the toy world's templates are its own four phrasings (its vocabulary has none of
@@ -50,21 +50,18 @@ theirs). Runs on SD-1.x/2.x, as their code.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import cached_property
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.func import functional_call
 
 from erasure import layers
+from erasure.examples import concept_examples
 from erasure.methods.base import EraserModule, MethodConfig
-from erasure.toyworld.world import attribute_of, render_array, sample_scene, silhouette, values_of
 
 # the authors' prompt augmentation (src/cfr_utils.py prompt_augmentation), the 30 their configs sample
 OBJECT_TEMPLATES = (
@@ -87,11 +84,9 @@ STYLE_TEMPLATES = (
     "{}'s famous drawing", "Art from {}'s early period", "A portrait by {}",
     "An imitation reflecting the style of {}", "An painting from {}'s collection",
     "Vibrant reproduction of artwork by {}")
-RENDERER = "renderer"  # method.data: the toy world's scenes and exact masks
 STEPS_PER_CONCEPT = 50  # the authors' max_train_steps (celebrities, artists, objects)
 # preserve_weight of the authors' celebrity configs by the number of concepts erased (1, 5, 10, 100)
 PRESERVE_WEIGHTS = ((1, 8e3), (5, 5e4), (10, 8e4), (100, 2e5))
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass
@@ -114,7 +109,7 @@ class MACEConfig(MethodConfig):
     importance_sampling: bool = True
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    data: str | None = None  # "renderer" (toy world) or a folder of <concept>/ images and "<concept> mask"/ masks
+    data: str | None = None  # a folder of <concept>/ images and "<concept> mask"/ masks, or a source (erasure.examples)
 
 
 def paired_positions(old: Sequence[int], new: Sequence[int], length: int) -> tuple[list[int], list[int]]:
@@ -221,9 +216,8 @@ class MACE(EraserModule):
     def kind_defaults(cls, kind: str | None, concepts: Sequence[str]) -> dict[str, Any]:
         """The authors' config for ``kind`` (celebrities' when none), and their steps per concept as the budget."""
         steps = 120 if kind == "nudity" else STEPS_PER_CONCEPT
-        method = cls.by_concept_kind.get(kind, {}).get("method", {})
-        if kind not in cls.by_concept_kind:
-            method = {"preserve_weight": preserve_weight_for(len(concepts))}
+        method = (cls.by_concept_kind[kind]["method"] if kind in cls.by_concept_kind
+                  else {"preserve_weight": preserve_weight_for(len(concepts))})
         return {"method": method, "trainer": {"max_steps": steps * max(len(concepts), 1)}}
 
     @classmethod
@@ -279,9 +273,10 @@ class MACE(EraserModule):
         keys = self.states(prompts).flatten(0, 1)
         return keys.T @ keys
 
+    @cached_property
     def preservation(self) -> torch.Tensor:
         """K_p = sum over the prior prompts + preserve_weight x sum over the domain prompts (kept concepts, phrased
-        by each template)."""
+        by each template); computed once, for the refinement and the fusion."""
         kept = [t.format(self.phrase(c)) for c in self.config.preserve if c not in self.concepts
                 for t in self.config.templates]
         return self.covariance(self.config.prior) + self.config.preserve_weight * self.covariance(kept)
@@ -306,7 +301,7 @@ class MACE(EraserModule):
         self.pairs = self.prompt_pairs()
         mixed, keys = self.refinement_keys()
         identity = torch.eye(keys.shape[0], dtype=torch.float64, device=self.device)
-        scaled = self.config.train_preserve_scale ** 2 * self.preservation()
+        scaled = self.config.train_preserve_scale ** 2 * self.preservation
         transform = closed_form(self.config.lamb * identity + mixed + scaled, self.config.lamb * identity + keys + scaled)
         for name, weight in self.trained.items():
             original = self.original[name]
@@ -327,14 +322,12 @@ class MACE(EraserModule):
 
     def concept_examples(self, concept: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(posterior means, posterior deviations, masks (n, 1, H, W) or None) of the concept's images."""
-        images, masks = (toy_examples(concept, self.config.images, self.seed) if self.config.data == RENDERER
-                         else folder_examples(Path(self.config.data), concept, self.config.images,
-                                              self.latent_size * self.pipeline.vae_scale_factor, self.config.masks))
+        images, masks = concept_examples(self.config.data, concept, self.config.images,
+                                         self.latent_size * self.pipeline.vae_scale_factor, self.seed, self.config.masks)
         pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device, self.vae.dtype)
         with torch.no_grad():
             posterior = self.vae.encode(pixels).latent_dist
-        use = masks is not None and self.config.masks
-        return posterior.mean, posterior.std, torch.as_tensor(masks)[:, None].to(self.device) if use else None
+        return posterior.mean, posterior.std, None if masks is None else torch.as_tensor(masks)[:, None].to(self.device)
 
     def positions(self, concept: str, prompts: Sequence[str]) -> list[torch.Tensor]:
         """Per prompt, S as a boolean over the tokens: the concept's word tokens and every end-of-text token."""
@@ -381,7 +374,7 @@ class MACE(EraserModule):
     def fuse(self) -> None:
         """W* = (lambda W_1 + sum_i (W_1 + B_i A_i) E_i + s_f W_o K_p)(lambda I + sum_i E_i + s_f K_p)^-1."""
         covariances = [self.covariance(old) for old, _ in self.pairs]
-        preservation = self.config.fuse_preserve_scale * self.preservation()
+        preservation = self.config.fuse_preserve_scale * self.preservation
         total = sum(covariances)
         identity = torch.eye(total.shape[0], dtype=torch.float64, device=self.device)
         keys = self.config.lamb * identity + total + preservation
@@ -404,37 +397,3 @@ class MACE(EraserModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] |= loras
 
-
-def toy_examples(concept: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` rendered scenes of a toy-world concept or compound (the other values drawn) and their exact
-    object masks: (images (n, 32, 32, 3) uint8, masks (n, 32, 32) float32)."""
-    fixed = {attribute_of(value): value for value in values_of(concept)}
-    rng = np.random.default_rng([seed, *concept.encode()])
-    scenes = [sample_scene(rng, **fixed) for _ in range(count)]
-    return render_array(scenes), np.stack([silhouette(scene) for scene in scenes])
-
-
-def folder_examples(root: Path, concept: str, count: int, size: int,
-                    masks: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first ``count`` images of ``root/<concept>`` resized to ``size`` and, with ``masks``, those of
-    ``root/<concept> mask`` (the same names in order; grey above one half is the object)."""
-    def files(folder: Path) -> list[Path]:
-        if not folder.is_dir():
-            raise ValueError(f"method.data: no folder {folder}; MACE needs {count} images of '{concept}' there"
-                             + (" and their masks in '<concept> mask'" if masks else ""))
-        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
-        if not found:
-            raise ValueError(f"method.data: {folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-        return found
-
-    def read(path: Path, mode: str) -> np.ndarray:
-        return np.asarray(Image.open(path).convert(mode).resize((size, size), Image.Resampling.BICUBIC))
-
-    images = np.stack([read(p, "RGB") for p in files(root / concept)])
-    if not masks:
-        return images, None
-    mask_files = files(root / f"{concept} mask")
-    if len(mask_files) != len(images):
-        raise ValueError(f"method.data: {len(images)} images of '{concept}' but {len(mask_files)} masks; give one "
-                         "mask per image")
-    return images, np.stack([read(p, "L") for p in mask_files]).astype(np.float32) / 255

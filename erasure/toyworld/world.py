@@ -186,3 +186,12 @@ def silhouette(scene: Scene) -> np.ndarray:
 def render_array(scenes: list[Scene]) -> np.ndarray:
     """Render scenes to a uint8 array of shape (N, 32, 32, 3)."""
     return np.stack([np.asarray(render(scene)) for scene in scenes])
+
+
+def concept_scenes(concept: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` rendered scenes of a concept or compound (the other values drawn) and their exact object masks:
+    (images (n, 32, 32, 3) uint8, masks (n, 32, 32) float32); the ``renderer`` source of :mod:`erasure.examples`."""
+    fixed = {attribute_of(value): value for value in values_of(concept)}
+    rng = np.random.default_rng([seed, *concept.encode()])
+    scenes = [sample_scene(rng, **fixed) for _ in range(count)]
+    return render_array(scenes), np.stack([silhouette(scene) for scene in scenes])

@@ -93,21 +93,29 @@ def suite(compounds: Sequence[str], phrase, seed: int, start: int = 0) -> list[P
             for i, (prompt, concept) in enumerate(zip(rows, concepts))]
 
 
-class Mass(ToyWorld):
+class DrawnConcepts:
+    """A protocol mix-in: a run that names no ``concept`` erases the ones :meth:`draw` picks (None: none to pick)."""
+
+    def draw(self, evaluation: DictConfig) -> list[str] | None:
+        raise NotImplementedError
+
+    def layer(self, method: type, below: DictConfig, above: DictConfig) -> DictConfig:
+        """The drawn concepts as ``concept`` unless the run names its own, then the protocol's own layer."""
+        merged = OmegaConf.merge(below, self.defaults, above)
+        picked = None if named_concepts(merged) else self.draw(merged.get("evaluation") or OmegaConf.create({}))
+        drawn = {"concept": picked} if picked else {}
+        return OmegaConf.merge(super().layer(method, below, OmegaConf.merge(above, drawn)), drawn)
+
+
+class Mass(DrawnConcepts, ToyWorld):
     name = "mass"
     summary = "toy-world compounds erased N at a time: efficacy, synonyms, neighbours and the rest kept, MACE's H"
     defaults = {"concept": None,
                 "evaluation": {**ToyWorld.defaults["evaluation"], "images_per_prompt": 1, "compounds": 10}}
     supplies = {**ToyWorld.supplies, "anchor": None}
 
-    def layer(self, method: type, below: DictConfig, above: DictConfig) -> DictConfig:
-        """The drawn compounds as ``concept`` unless the run names its own, then ToyWorld's layer."""
-        merged = OmegaConf.merge(below, self.defaults, above)
-        drawn = {}
-        if not named_concepts(merged):
-            evaluation = merged.get("evaluation") or {}
-            drawn = {"concept": drawn_compounds(int(evaluation.get("compounds")), int(evaluation.get("compound_seed") or 0))}
-        return OmegaConf.merge(super().layer(method, below, OmegaConf.merge(above, drawn)), drawn)
+    def draw(self, evaluation: DictConfig) -> list[str]:
+        return drawn_compounds(int(evaluation.get("compounds")), int(evaluation.get("compound_seed") or 0))
 
     def supply(self, role: str, config: DictConfig) -> Any:
         erased = named_concepts(config)

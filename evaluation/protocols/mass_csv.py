@@ -20,28 +20,24 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.protocols.artists import Artists
-from evaluation.protocols.base import named_concepts
-from evaluation.protocols.mass import drawn
+from evaluation.protocols.mass import DrawnConcepts, drawn
 from evaluation.suites import Prompt
 
 
-class MassCSV(Artists):
+class MassCSV(DrawnConcepts, Artists):
     name = "mass-csv"
     summary = "N concepts of an artists-format CSV erased at once, CLIP among all listed; the rest kept, MACE's H"
     defaults = {**Artists.defaults, "concept": None,
                 "evaluation": {**Artists.defaults["evaluation"], "concepts": 10, "concept_seed": 0}}
 
-    def layer(self, method: type, below: DictConfig, above: DictConfig) -> DictConfig:
-        """The drawn concepts as ``concept`` unless the run names its own, then the artists protocol's layer."""
-        merged = OmegaConf.merge(below, self.defaults, above)
-        evaluation = merged.get("evaluation") or {}
+    def draw(self, evaluation: DictConfig) -> list[str] | None:
+        """``evaluation.concepts`` of the file's concepts (none before the file exists: the check names it)."""
         path = evaluation.get("prompts_csv")
-        picked = {}
-        if not named_concepts(merged) and path and Path(path).is_file():
-            listed = self.artists(OmegaConf.create({"prompts_csv": path}))
-            picked = {"concept": drawn(listed, int(evaluation.get("concepts")), int(evaluation.get("concept_seed") or 0),
-                                       "evaluation.concepts")}
-        return OmegaConf.merge(super().layer(method, below, OmegaConf.merge(above, picked)), picked)
+        if not path or not Path(path).is_file():
+            return None
+        listed = self.artists(OmegaConf.create({"prompts_csv": path}))
+        return drawn(listed, int(evaluation.get("concepts")), int(evaluation.get("concept_seed") or 0),
+                     "evaluation.concepts")
 
     def suites(self, concepts: Sequence[str], evaluation: DictConfig, seed: int) -> dict[str, list[Prompt]]:
         suites = super().suites(concepts, evaluation, seed)

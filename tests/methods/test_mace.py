@@ -1,13 +1,10 @@
 """MACE: its token pairing, both closed forms against least squares, the attention loss, and an erasure on the
 toy world."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from erasure.methods.mace import (MACE, AttentionSuppression, MACEConfig, folder_examples, paired_positions,
-                                  timestep_weights, toy_examples)
+from erasure.methods.mace import MACE, AttentionSuppression, MACEConfig, paired_positions, timestep_weights
 
 TOY_TEMPLATES = ["{}", "a picture of {}"]
 SHAPES = ["square", "triangle", "star", "heart", "cross"]
@@ -143,29 +140,6 @@ def test_training_a_concepts_lora_takes_attention_off_its_object(toy_pipeline):
         assert loss(range(1000, 1016)) < 0.8 * before
     finally:
         restore(module)
-
-
-def test_the_toy_examples_are_the_concepts_scenes_with_their_exact_masks():
-    images, masks = toy_examples("striped red circle", 4, 0)
-    assert images.shape == (4, 32, 32, 3) and masks.shape == (4, 32, 32)
-    inside = masks > 0.5
-    reds = images[inside].astype(int)
-    assert (reds[:, 0] - reds[:, 1]).mean() > 60  # the object's pixels are red (stripes, on the background)
-    assert 0.15 < inside.mean() < 0.6
-
-
-def test_folder_examples_read_the_authors_layout_and_a_missing_folder_is_named(tmp_path):
-    images, masks = toy_examples("circle", 3, 0)
-    (tmp_path / "circle").mkdir()
-    (tmp_path / "circle mask").mkdir()
-    for i, (image, mask) in enumerate(zip(images, masks)):
-        Image.fromarray(image).save(tmp_path / "circle" / f"{i}.png")
-        Image.fromarray((mask > 0.5).astype(np.uint8) * 255).save(tmp_path / "circle mask" / f"{i}.png")
-    read, read_masks = folder_examples(tmp_path, "circle", 8, 32, True)
-    assert np.array_equal(read, images) and np.array_equal(read_masks > 0.5, masks > 0.5)
-    assert folder_examples(tmp_path, "circle", 8, 32, False)[1] is None
-    with pytest.raises(ValueError, match="method.data: no folder .*star"):
-        folder_examples(tmp_path, "star", 8, 32, True)
 
 
 def test_without_images_mace_names_the_fix():

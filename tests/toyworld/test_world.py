@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from erasure.toyworld.world import (
-    ATTRIBUTES, COLOR_RGB, IMAGE_SIZE, SHAPES, STYLES, attribute_of, render, render_array, sample_scene,
+    ATTRIBUTES, COLOR_RGB, IMAGE_SIZE, SHAPES, STYLES, attribute_of, concept_scenes, render, render_array, sample_scene,
 )
 
 
@@ -60,3 +60,12 @@ def test_attribute_of_names_the_attribute_and_rejects_unknown_concepts():
     assert set(ATTRIBUTES) == {"shape", "color", "style"}
     with pytest.raises(ValueError, match="unknown toy-world concept 'dog'"):
         attribute_of("dog")
+
+
+def test_the_concepts_scenes_come_with_their_exact_masks():
+    images, masks = concept_scenes("striped red circle", 4, 0)
+    assert images.shape == (4, 32, 32, 3) and masks.shape == (4, 32, 32)
+    inside = masks > 0.5
+    reds = images[inside].astype(int)
+    assert (reds[:, 0] - reds[:, 1]).mean() > 60  # the object's pixels are red (stripes, on the background)
+    assert 0.15 < inside.mean() < 0.6
